@@ -1,0 +1,66 @@
+"""gocept.amqprun: AMQP consumers the Zope Tool Kit way."""
+
+from setuptools import find_namespace_packages
+from setuptools import setup
+
+
+def read(name):
+    with open(name, encoding='utf-8') as f:
+        return f.read()
+
+
+setup(
+    name='gocept.amqprun',
+    version='4.0.dev0',
+    author='gocept.amqprun developers',
+    description='Run AMQP consumers (handlers configured with ZCML and '
+                'ZConfig) with exactly-once replies.',
+    long_description=read('README.txt') + '\n\n' + read('CHANGES.txt'),
+    long_description_content_type='text/x-rst',
+    license='ZPL 2.1',
+    python_requires='>=3.11',
+    package_dir={'': 'src'},
+    packages=find_namespace_packages('src', include=['gocept.*']),
+    include_package_data=True,
+    package_data={'gocept.amqprun': ['*.xml', '*.zcml']},
+    zip_safe=False,
+    install_requires=[
+        # The AMQP client; 1.x is the async API the IO thread is built on.
+        'pika >= 1.3',
+        # Configuration file (server.conf) and its logging sections.
+        'ZConfig >= 4.0',
+        # One handled message is one transaction.
+        'transaction >= 4.0',
+        # Handlers are named utilities registered in ZCML.
+        'zope.component[zcml] >= 5.0',
+        'zope.configuration >= 5.0',
+        'zope.event >= 5.0',
+        'zope.interface >= 6.0',
+        'zope.schema >= 7.0',
+        # Tracebacks in log files (formatter of the example configuration).
+        'zope.exceptions >= 5.0',
+        # Process management (zdaemon configuration in etc/).
+        'zdaemon >= 5.0',
+    ],
+    extras_require={
+        'security': ['zope.security >= 6.0'],
+        'readfiles': ['gocept.filestore >= 1.0'],
+        'writefiles': [],
+        'test': [
+            'pytest >= 7.0',
+            'zope.security >= 6.0',
+            'gocept.filestore >= 1.0',
+        ],
+    },
+    entry_points={
+        'console_scripts': [
+            'server = gocept.amqprun.main:main',
+        ],
+    },
+    classifiers=[
+        'Programming Language :: Python :: 3',
+        'Programming Language :: Python :: 3.11',
+        'Framework :: ZODB',
+        'Topic :: System :: Networking',
+    ],
+)

@@ -1,0 +1,1 @@
+"""gocept.amqprun: run AMQP consumers configured with ZCML and ZConfig."""

@@ -1,0 +1,725 @@
+"""The thread boundary: the only module that touches pika.
+
+Contract
+--------
+One *IO thread* -- the thread that calls `Connection.run` -- owns the pika
+connection, its IO loop, every channel and every delivery tag. No other
+thread calls pika. Other threads use only the methods marked *thread-safe*
+below: they hand work to the IO thread with the IO loop's
+``add_callback_threadsafe`` and, where they need the outcome, wait for a
+`concurrent.futures.Future` that the IO thread resolves. Handlers never
+run in the IO thread, so heartbeats flow while a handler works.
+
+Channels are wrapped in `Slot` objects that outlive channels and
+connections. A slot's `epoch` counts the pika channels it has had. A
+delivery remembers the epoch it came with; settling it on a later epoch is
+refused locally with `ChannelLost` (acking an old delivery tag on a new
+channel would close that channel; the broker has already requeued it).
+
+Every slot's channel is in transaction mode: what a `Slot.commit` publishes,
+ACKs and rejects reaches the broker in one AMQP transaction. Different
+slots commit concurrently.
+"""
+
+import concurrent.futures
+import functools
+import logging
+import ssl
+import threading
+import urllib.parse
+
+import pika
+import pika.exceptions
+from pika.adapters.select_connection import IOLoop
+
+import gocept.amqprun.message
+
+
+log = logging.getLogger(__name__)
+
+
+class AMQPError(Exception):
+    """Base class of this module's errors."""
+
+
+class ConnectionFailed(AMQPError):
+    """The broker cannot be used (unreachable, refused credentials or
+    vhost, or a queue it refuses to declare); the process must stop."""
+
+
+class ChannelLost(AMQPError):
+    """The channel of a delivery or of a commit went away before the
+    commit was confirmed. The broker has rolled the transaction back (and
+    requeued the delivery) -- unless the loss happened after the broker
+    committed but before it confirmed, which cannot be told apart."""
+
+
+class ConnectionUnavailable(AMQPError):
+    """No connection to the broker came up within the send timeout."""
+
+
+class Parameters:
+    """How to reach the broker.
+
+    hostname: one host or several separated by spaces or commas (tried in
+        turn; ``host:port`` is allowed).
+    url: an ``amqp://`` or ``amqps://`` URL (pika's URL options work)
+        instead of hostname, port, username, password and virtual_host;
+        several URLs may be given separated by spaces.
+    ssl, ssl_cafile, ssl_certfile, ssl_keyfile, ssl_verify: TLS; verification
+        of the broker's certificate and hostname is on by default.
+    heartbeat_interval: seconds (0 disables heartbeats).
+    connection_attempts: attempts at start-up before giving up.
+    retry_delay, max_retry_delay: reconnect backoff in seconds (doubling).
+    blocked_connection_timeout: seconds a broker alarm may block the
+        connection before it is dropped and re-established.
+    send_timeout: seconds a commit waits for a connection.
+    """
+
+    defaults = dict(
+        hostname=None,
+        port=None,
+        username='guest',
+        password='guest',
+        virtual_host='/',
+        heartbeat_interval=60,
+        url=None,
+        ssl=False,
+        ssl_cafile=None,
+        ssl_certfile=None,
+        ssl_keyfile=None,
+        ssl_verify=True,
+        connection_attempts=3,
+        retry_delay=1.0,
+        max_retry_delay=30.0,
+        blocked_connection_timeout=300.0,
+        socket_timeout=10.0,
+        send_timeout=30.0,
+    )
+    _int = ('port', 'heartbeat_interval', 'connection_attempts')
+    _float = ('retry_delay', 'max_retry_delay', 'blocked_connection_timeout',
+              'socket_timeout', 'send_timeout')
+
+    def __init__(self, **kw):
+        unknown = set(kw) - set(self.defaults)
+        if unknown:
+            raise TypeError(
+                f'Unknown connection parameters: {", ".join(sorted(unknown))}')
+        values = dict(self.defaults, **kw)
+        for name in self._int:
+            if values[name] is not None:
+                values[name] = int(values[name])
+        for name in self._float:
+            if values[name] is not None:
+                values[name] = float(values[name])
+        if not values['hostname'] and not values['url']:
+            raise ValueError('Either hostname or url is required.')
+        self.__dict__.update(values)
+
+    def __repr__(self):
+        return f'<Parameters {self.describe()}>'
+
+    def describe(self):
+        """The broker addresses, for log lines (never the password)."""
+        return ', '.join(_safe_url(p) for p in self.pika_parameters())
+
+    def pika_parameters(self):
+        """One pika parameters object per broker address, in order."""
+        if self.url:
+            result = []
+            for url in self.url.replace(',', ' ').split():
+                params = pika.URLParameters(url)
+                if url.startswith('amqps:') and self._has_tls_settings():
+                    params.ssl_options = self._ssl_options(params.host)
+                self._set_common(params, from_url=url)
+                result.append(params)
+            return result
+        result = []
+        for host in self.hostname.replace(',', ' ').split():
+            port = self.port
+            if ':' in host:
+                host, port = host.rsplit(':', 1)
+                port = int(port)
+            if port is None:
+                port = 5671 if self.ssl else 5672
+            params = pika.ConnectionParameters(
+                host=host, port=port, virtual_host=self.virtual_host,
+                credentials=pika.PlainCredentials(
+                    self.username, self.password))
+            if self.ssl:
+                params.ssl_options = self._ssl_options(host)
+            self._set_common(params)
+            result.append(params)
+        return result
+
+    def _has_tls_settings(self):
+        return any((self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile,
+                    not self.ssl_verify))
+
+    def _ssl_options(self, host):
+        context = ssl.create_default_context(cafile=self.ssl_cafile)
+        if not self.ssl_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if self.ssl_certfile:
+            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+        return pika.SSLOptions(context, server_hostname=host)
+
+    def _set_common(self, params, from_url=None):
+        query = urllib.parse.parse_qs(
+            urllib.parse.urlsplit(from_url).query) if from_url else {}
+        if 'heartbeat' not in query:
+            params.heartbeat = self.heartbeat_interval
+        if 'blocked_connection_timeout' not in query:
+            params.blocked_connection_timeout = (
+                self.blocked_connection_timeout)
+        if 'socket_timeout' not in query:
+            params.socket_timeout = self.socket_timeout
+        # Attempts and backoff are ours (several hosts, reconnects).
+        params.connection_attempts = 1
+        params.retry_delay = 0
+
+
+def _safe_url(params):
+    scheme = 'amqps' if params.ssl_options else 'amqp'
+    vhost = urllib.parse.quote(params.virtual_host, safe='')
+    return (f'{scheme}://{params.credentials.username}@'
+            f'{params.host}:{params.port}/{vhost}')
+
+
+class Queue:
+    """A queue to declare (durable) and bind to amq.topic."""
+
+    def __init__(self, name, routing_keys, arguments=None):
+        self.name = name
+        self.routing_keys = list(routing_keys)
+        self.arguments = dict(arguments) if arguments else None
+
+    def __repr__(self):
+        return f'<Queue {self.name!r} {self.routing_keys!r}>'
+
+
+class Delivery:
+    """A received message as the IO thread hands it to a worker."""
+
+    __slots__ = ('slot', 'epoch', 'delivery_tag', 'routing_key', 'exchange',
+                 'redelivered', 'header', 'body', 'queue')
+
+    def __init__(self, slot, epoch, delivery_tag, routing_key, exchange,
+                 redelivered, header, body, queue):
+        self.slot = slot
+        self.epoch = epoch
+        self.delivery_tag = delivery_tag
+        self.routing_key = routing_key
+        self.exchange = exchange
+        self.redelivered = redelivered
+        self.header = header
+        self.body = body
+        self.queue = queue
+
+    @property
+    def current(self):
+        """False once the channel it came on is gone (thread-safe)."""
+        return self.epoch == self.slot.epoch
+
+
+def _header_from(properties):
+    header = gocept.amqprun.message.Header.__new__(
+        gocept.amqprun.message.Header)
+    for name in gocept.amqprun.message.PROPERTY_NAMES:
+        setattr(header, name, getattr(properties, name))
+    if header.headers is None:
+        header.headers = {}
+    return header
+
+
+def _properties_from(header):
+    return pika.BasicProperties(**header.as_dict())
+
+
+class Slot:
+    """A logical channel in transaction mode that survives reconnects.
+
+    Consumer slots consume from every queue and pass deliveries to
+    `on_delivery` (called in the IO thread; it must not block). Sender
+    slots only publish.
+    """
+
+    def __init__(self, connection, name, on_delivery=None):
+        self.connection = connection
+        self.name = name
+        self.on_delivery = on_delivery
+        self.epoch = 0
+        # IO thread only:
+        self._channel = None
+        self._pending = []        # futures awaiting Commit-Ok, in order
+        self._waiting = []        # commits waiting for the channel to open
+        self._consumer_tags = []
+        self._opening = False
+
+    def __repr__(self):
+        return f'<Slot {self.name} epoch={self.epoch}>'
+
+    # Thread-safe API
+
+    def commit(self, epoch=None, publishes=(), ack=None, reject=None,
+               timeout=None):
+        """Publish, ACK and reject in one AMQP transaction; thread-safe.
+
+        epoch: the epoch of the delivery to ack/reject; None to use
+            whatever channel the slot has (waiting for one if necessary).
+        publishes: (exchange, routing_key, Header, body) tuples.
+        ack: a delivery tag to ACK.
+        reject: (delivery tag, requeue) to reject.
+
+        Returns when the broker confirmed the commit. Raises ChannelLost
+        when the channel went before that (or `epoch` is stale), and
+        ConnectionUnavailable when no channel came up within `timeout`
+        (default: the send_timeout parameter).
+        """
+        if epoch is not None and epoch != self.epoch:
+            raise ChannelLost(f'{self}: channel of epoch {epoch} is gone')
+        if timeout is None:
+            timeout = self.connection.parameters.send_timeout
+        future = concurrent.futures.Future()
+        self.connection._call(
+            self._commit, future, epoch, tuple(publishes), ack, reject)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            if future.cancel():
+                raise ConnectionUnavailable(
+                    f'{self}: no connection to the broker within '
+                    f'{timeout} s') from None
+            # Already handed to the broker: its outcome is what counts.
+            return future.result()
+
+    # IO thread
+
+    def _commit(self, future, epoch, publishes, ack, reject):
+        if epoch is not None and epoch != self.epoch:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(ChannelLost(
+                    f'{self}: channel of epoch {epoch} is gone'))
+            return
+        channel = self._channel
+        if channel is None or not channel.is_open or self._opening:
+            if epoch is not None:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(ChannelLost(
+                        f'{self}: channel is closed'))
+                return
+            self._waiting.append(
+                (future, epoch, publishes, ack, reject))
+            return
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            for exchange, routing_key, header, body in publishes:
+                channel.basic_publish(
+                    exchange, routing_key, body, _properties_from(header))
+            if ack is not None:
+                channel.basic_ack(ack)
+            if reject is not None:
+                channel.basic_reject(reject[0], requeue=reject[1])
+            self._pending.append(future)
+            channel.tx_commit(callback=functools.partial(
+                self._committed, future))
+        except Exception as e:
+            if future in self._pending:
+                self._pending.remove(future)
+            future.set_exception(ChannelLost(f'{self}: {e}'))
+
+    def _committed(self, future, frame):
+        if future in self._pending:
+            self._pending.remove(future)
+            future.set_result(None)
+
+    def _open(self):
+        """Open a new channel (a new epoch) on the current connection."""
+        self._opening = True
+        self._channel = None
+        self.connection._pika.channel(on_open_callback=self._on_open)
+
+    def _on_open(self, channel):
+        self._channel = channel
+        channel.add_on_close_callback(self._on_close)
+        channel.tx_select(callback=self._on_tx_select)
+
+    def _on_tx_select(self, frame):
+        if self.on_delivery is None:
+            self._on_ready()
+            return
+        self._channel.basic_qos(
+            prefetch_count=self.connection.prefetch,
+            callback=self._on_qos)
+
+    def _on_qos(self, frame):
+        self._consumer_tags = []
+        remaining = list(self.connection.queues)
+
+        def consume_next(frame=None):
+            if not remaining:
+                self._on_ready()
+                return
+            queue = remaining.pop(0)
+            tag = self._channel.basic_consume(
+                queue.name, functools.partial(self._on_message, queue.name),
+                callback=consume_next)
+            self._consumer_tags.append(tag)
+        consume_next()
+
+    def _on_ready(self):
+        self._opening = False
+        log.debug('%s ready', self)
+        waiting, self._waiting = self._waiting, []
+        for item in waiting:
+            self._commit(*item)
+        self.connection._slot_ready(self)
+
+    def _on_message(self, queue, channel, method, properties, body):
+        if channel is not self._channel:
+            return
+        self.on_delivery(Delivery(
+            self, self.epoch, method.delivery_tag, method.routing_key,
+            method.exchange, method.redelivered, _header_from(properties),
+            body, queue))
+
+    def _on_close(self, channel, reason):
+        if channel is not self._channel:
+            return
+        self._lost(reason)
+        if self.connection._pika_open() and not self.connection._closing:
+            log.warning('%s: channel closed by the broker (%s); reopening',
+                        self, reason)
+            self.connection._ready.clear()
+            self._open()
+
+    def _lost(self, reason):
+        """The current channel is gone: fail what waits on it."""
+        self.epoch += 1
+        self._channel = None
+        self._consumer_tags = []
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.set_exception(ChannelLost(f'{self}: {reason}'))
+
+    def _cancel(self, done):
+        channel = self._channel
+        if channel is None or not channel.is_open or not self._consumer_tags:
+            done()
+            return
+        tags = list(self._consumer_tags)
+        self._consumer_tags = []
+        remaining = set(tags)
+
+        def cancelled(tag, frame=None):
+            remaining.discard(tag)
+            if not remaining:
+                done()
+        for tag in tags:
+            channel.basic_cancel(tag, callback=functools.partial(
+                cancelled, tag))
+
+
+class Connection:
+    """Runs the pika connection in the thread calling `run`.
+
+    queues: the `Queue` objects to declare, bind and (with `consumers`)
+        consume from.
+    consumers: the number of consumer slots (one channel each).
+    prefetch: unacked deliveries per consumer slot and queue.
+    on_delivery: a function(index) returning the delivery callback of
+        consumer slot `index`.
+    on_ready: called in the IO thread each time the connection is up and
+        all consumer slots consume; must not block.
+    """
+
+    def __init__(self, parameters, queues=(), consumers=0, prefetch=2,
+                 on_delivery=None, on_ready=None):
+        self.parameters = parameters
+        self.on_ready = on_ready
+        self.queues = list(queues)
+        self.prefetch = prefetch
+        self.consumer_slots = [
+            Slot(self, f'consumer-{i}', on_delivery(i))
+            for i in range(consumers)]
+        self._sender_slots = []
+        self._free_senders = []
+        self._sender_lock = threading.Lock()
+        self._ready = threading.Event()
+        self._started = threading.Event()
+        self._stopped = threading.Event()
+        self._failure = None
+        self._closing = False
+        self._ever_connected = False
+        self._attempt = 0
+        self._pika = None
+        self._ioloop = None
+        self._ioloop_ready = threading.Event()
+        self._pending_calls = []
+        self._calls_lock = threading.Lock()
+
+    # Thread-safe API
+
+    @property
+    def ready(self):
+        """True while connected and all consumer slots consume."""
+        return self._ready.is_set()
+
+    def wait_until_ready(self, timeout=None):
+        """Wait until connected and consuming; return whether it is."""
+        return self._ready.wait(timeout)
+
+    def acquire_sender(self):
+        """Return a sender Slot for the caller's exclusive use until
+        `release_sender`; thread-safe."""
+        with self._sender_lock:
+            if self._free_senders:
+                return self._free_senders.pop()
+            slot = Slot(self, f'sender-{len(self._sender_slots)}')
+            self._sender_slots.append(slot)
+        self._call(self._open_sender, slot)
+        return slot
+
+    def release_sender(self, slot):
+        with self._sender_lock:
+            self._free_senders.append(slot)
+
+    def cancel_consumers(self, timeout=10):
+        """Stop all deliveries; return when the broker confirmed (or the
+        connection is gone, or `timeout` passed); thread-safe."""
+        done = threading.Event()
+        self._call(self._cancel_consumers, done.set)
+        done.wait(timeout)
+
+    def close(self):
+        """Close the connection; `run` returns afterwards; thread-safe."""
+        self._call(self._close)
+
+    def wait_until_stopped(self, timeout=None):
+        return self._stopped.wait(timeout)
+
+    # Handing work to the IO thread
+
+    def _call(self, function, *args):
+        callback = functools.partial(function, *args)
+        with self._calls_lock:
+            if self._ioloop is None:
+                # Not running yet: run() picks it up.
+                self._pending_calls.append(callback)
+                return
+            ioloop = self._ioloop
+        ioloop.add_callback_threadsafe(callback)
+
+    # IO thread
+
+    def run(self):
+        """Connect and run until `close()`. Reconnects on losses.
+
+        Raises ConnectionFailed when no connection could be made at start-up
+        within the configured attempts, or when the broker refuses the
+        topology (e.g. a queue redeclared with other arguments).
+        """
+        self._stopped.clear()
+        try:
+            ioloop = IOLoop()
+            with self._calls_lock:
+                self._ioloop = ioloop
+                pending, self._pending_calls = self._pending_calls, []
+            for callback in pending:
+                ioloop.add_callback_threadsafe(callback)
+            self._connect()
+            self._ioloop.start()
+        finally:
+            self._ready.clear()
+            with self._calls_lock:
+                ioloop, self._ioloop = self._ioloop, None
+            self._fail_all(ConnectionUnavailable('connection closed'))
+            if ioloop is not None:
+                ioloop.close()
+            self._stopped.set()
+        if self._failure is not None:
+            raise self._failure
+
+    def _pika_open(self):
+        return self._pika is not None and self._pika.is_open
+
+    def _connect(self):
+        candidates = self.parameters.pika_parameters()
+        params = candidates[self._attempt % len(candidates)]
+        self._attempt += 1
+        log.info('Connecting to %s', _safe_url(params))
+        self._pika = pika.SelectConnection(
+            params, on_open_callback=self._on_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_close,
+            custom_ioloop=self._ioloop)
+
+    def _on_open(self, connection):
+        log.info('Connected to %s', _safe_url(connection.params))
+        self._ever_connected = True
+        self._attempt = 0
+        connection.add_on_connection_blocked_callback(
+            lambda *a: log.warning('The broker blocks publishing (alarm).'))
+        connection.add_on_connection_unblocked_callback(
+            lambda *a: log.info('The broker unblocked publishing.'))
+        connection.channel(on_open_callback=self._declare)
+
+    def _on_open_error(self, connection, error):
+        self._pika = None
+        reason = _describe(error)
+        fatal = isinstance(error, (
+            pika.exceptions.ProbableAuthenticationError,
+            pika.exceptions.ProbableAccessDeniedError))
+        attempts = self.parameters.connection_attempts
+        if self._closing:
+            self._ioloop.stop()
+            return
+        if not self._ever_connected and (
+                fatal or self._attempt >= attempts):
+            self._fatal(ConnectionFailed(
+                f'Cannot connect to {self.parameters.describe()} '
+                f'(after {self._attempt} attempt(s)): {reason}'))
+            return
+        delay = self._backoff()
+        log.error('Connection to the broker failed: %s; retrying in %.1f s',
+                  reason, delay)
+        self._ioloop.call_later(delay, self._connect)
+
+    def _backoff(self):
+        return min(self.parameters.retry_delay * 2 ** max(
+            0, self._attempt - 1), self.parameters.max_retry_delay)
+
+    def _on_close(self, connection, reason):
+        self._ready.clear()
+        self._pika = None
+        for slot in self._all_slots():
+            slot._lost(reason)
+        if self._closing or self._failure is not None:
+            self._ioloop.stop()
+            return
+        delay = self._backoff()
+        log.error('Connection to the broker lost: %s; reconnecting in '
+                  '%.1f s', _describe(reason), delay)
+        self._ioloop.call_later(delay, self._connect)
+
+    def _declare(self, channel):
+        steps = []
+        for queue in self.queues:
+            steps.append((
+                f'declaring queue {queue.name!r} with arguments '
+                f'{queue.arguments!r}',
+                functools.partial(
+                    channel.queue_declare, queue.name, durable=True,
+                    arguments=queue.arguments)))
+            for key in queue.routing_keys:
+                steps.append((
+                    f'binding queue {queue.name!r} to {key!r}',
+                    functools.partial(
+                        channel.queue_bind, queue.name, 'amq.topic',
+                        routing_key=key)))
+        current = [None]
+
+        def on_close(channel, reason):
+            if current[0] is not None and not self._closing:
+                self._fatal(ConnectionFailed(
+                    f'The broker refused {current[0]}: {_describe(reason)}'))
+
+        def next_step(frame=None):
+            if not steps:
+                current[0] = None
+                channel.close()
+                self._open_slots()
+                return
+            current[0], step = steps.pop(0)
+            step(callback=next_step)
+        channel.add_on_close_callback(on_close)
+        next_step()
+
+    def _open_slots(self):
+        for slot in self._all_slots():
+            slot._open()
+        if not self.consumer_slots:
+            self._set_ready()
+
+    def _set_ready(self):
+        if self._ready.is_set():
+            return
+        self._ready.set()
+        if self.on_ready is not None:
+            try:
+                self.on_ready()
+            except Exception:
+                log.exception('Error in on_ready callback')
+
+    def _open_sender(self, slot):
+        if self._pika_open() and slot._channel is None \
+                and not slot._opening:
+            slot._open()
+
+    def _slot_ready(self, slot):
+        if all(s._channel is not None and not s._opening
+               for s in self.consumer_slots):
+            if not self._ready.is_set():
+                log.info('Consuming from %d queue(s) on %d channel(s)',
+                         len(self.queues), len(self.consumer_slots))
+            self._set_ready()
+
+    def _all_slots(self):
+        with self._sender_lock:
+            senders = list(self._sender_slots)
+        return self.consumer_slots + senders
+
+    def _cancel_consumers(self, done):
+        slots = [s for s in self.consumer_slots if s._consumer_tags]
+        remaining = set(slots)
+        if not remaining:
+            done()
+            return
+
+        def cancelled(slot):
+            remaining.discard(slot)
+            if not remaining:
+                done()
+        for slot in slots:
+            slot._cancel(functools.partial(cancelled, slot))
+
+    def _close(self):
+        self._closing = True
+        self._ready.clear()
+        if self._pika is not None and not (
+                self._pika.is_closing or self._pika.is_closed):
+            self._pika.close()
+        elif self._pika is None or self._pika.is_closed:
+            self._ioloop.stop()
+
+    def _fatal(self, error):
+        log.error('%s', error)
+        self._failure = error
+        if self._pika is not None and self._pika.is_open:
+            self._pika.close()
+        else:
+            self._ioloop.stop()
+
+    def _fail_all(self, error):
+        for slot in self._all_slots():
+            waiting, slot._waiting = slot._waiting, []
+            for future, *rest in waiting:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(error)
+            slot._lost(error)
+
+
+def _describe(error):
+    """A log-friendly reason (pika's exceptions print poorly)."""
+    if isinstance(error, pika.exceptions.ProbableAuthenticationError):
+        return 'the broker refused the credentials (wrong username or password?)'
+    if isinstance(error, pika.exceptions.ProbableAccessDeniedError):
+        return 'access refused (unknown virtual host or no permission?)'
+    if isinstance(error, (pika.exceptions.ChannelClosed,
+                          pika.exceptions.ConnectionClosed)):
+        return f'{error.reply_code} {error.reply_text}'
+    text = str(error) or error.__class__.__name__
+    return f'{error.__class__.__name__}: {text}' \
+        if error.__class__.__name__ not in text else text

@@ -1,0 +1,138 @@
+"""The contracts of gocept.amqprun.
+
+Application code depends on these interfaces and the names in
+``handler``, ``message``, ``settings`` and ``server``; everything else is an
+implementation detail.
+"""
+
+import zope.interface
+import zope.interface.common.mapping
+
+
+class IMessage(zope.interface.Interface):
+    """An AMQP message, received or to be sent."""
+
+    header = zope.interface.Attribute(
+        'The AMQP properties (a `gocept.amqprun.message.Header`): '
+        'content_type, content_encoding, delivery_mode, priority, '
+        'correlation_id, reply_to, expiration, message_id, timestamp, type, '
+        'user_id, app_id and `headers` (a dict of application headers).')
+    body = zope.interface.Attribute('The payload (bytes).')
+    exchange = zope.interface.Attribute(
+        'The exchange to publish to (default ``amq.topic``).')
+    routing_key = zope.interface.Attribute(
+        'Received: the routing key it arrived with. '
+        'To send: the routing key to publish with.')
+    delivery_tag = zope.interface.Attribute(
+        'Received: the delivery tag (only meaningful to the daemon). '
+        'To send: None.')
+
+
+class IHandler(zope.interface.Interface):
+    """Handles the messages of one queue.
+
+    Register as a named utility; the name must be unique, and so must the
+    queue name among all handlers of a process.
+    """
+
+    queue_name = zope.interface.Attribute('The queue to consume from.')
+    routing_key = zope.interface.Attribute(
+        'A routing key or a list of them, bound on ``amq.topic``.')
+    arguments = zope.interface.Attribute(
+        'A dict of queue arguments passed to queue.declare (or None); '
+        'values keep their types.')
+    principal = zope.interface.Attribute(
+        'The id of the principal the handler runs as (zope.security), or '
+        'None for no interaction.')
+
+    def __call__(message):
+        """Handle `message` (an IMessage).
+
+        Return an iterable of IMessage to send, or None. Everything sent is
+        published together with the ACK of `message` when the transaction
+        commits; an exception aborts it and nothing is sent.
+        """
+
+
+class ISession(zope.interface.Interface):
+    """The AMQP side of one transaction.
+
+    Collects the messages to publish and, inside a handler, the ACK of the
+    received message; all of it reaches the broker in one AMQP transaction
+    when the `transaction` commits, none of it when it aborts.
+    """
+
+    received = zope.interface.Attribute(
+        'The message being handled, or None outside a handler.')
+
+    def send(message):
+        """Publish `message` when the transaction commits.
+
+        Inside a handler a reply gets ``correlation_id`` = the received
+        message-id and a ``references`` header (received references +
+        newline + received message-id), each unless already set.
+        """
+
+
+class ISender(zope.interface.Interface):
+    """Sends messages transactionally (the Server provides it)."""
+
+    def send(message):
+        """Publish `message` when the calling thread's transaction commits.
+
+        Thread-safe. Discarded when the transaction aborts. Inside a handler
+        it joins the handler's transaction.
+        """
+
+
+class ILoop(zope.interface.Interface):
+    """A main loop that runs until stopped (the Server provides it)."""
+
+    running = zope.interface.Attribute('True while consuming/able to send.')
+
+    def start():
+        """Run the loop in the calling thread until `stop()` is called."""
+
+    def stop():
+        """Stop the loop; thread-safe; returns when it has stopped."""
+
+
+class ISettings(zope.interface.common.mapping.IEnumerableMapping):
+    """The ``<settings>`` of the configuration file (keys keep their case,
+    values are str)."""
+
+    def update(mapping):
+        """Add or replace entries."""
+
+
+class IProcessStarted(zope.interface.Interface):
+    """Notified once, when the daemon has started consuming."""
+
+
+class IProcessStopping(zope.interface.Interface):
+    """Notified once, when the daemon begins to shut down."""
+
+
+@zope.interface.implementer(IProcessStarted)
+class ProcessStarted:
+    """The daemon consumes now."""
+
+
+@zope.interface.implementer(IProcessStopping)
+class ProcessStopping:
+    """The daemon shuts down."""
+
+
+class IMessageStored(zope.interface.Interface):
+    """A message was written to a file by ``<amqp:writefiles>``."""
+
+    message = zope.interface.Attribute('The IMessage.')
+    path = zope.interface.Attribute('The absolute path of the body file.')
+
+
+@zope.interface.implementer(IMessageStored)
+class MessageStored:
+
+    def __init__(self, message, path):
+        self.message = message
+        self.path = path

@@ -1,0 +1,164 @@
+"""The `server` command: run the daemon from a ZConfig file."""
+
+import importlib.resources
+import logging
+import queue
+import signal
+import sys
+import threading
+
+import ZConfig
+import zope.component
+import zope.configuration.config
+import zope.configuration.xmlconfig
+import zope.event
+
+import gocept.amqprun.connection
+import gocept.amqprun.interfaces
+import gocept.amqprun.server
+import gocept.amqprun.settings
+
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_RESTART = 1       # SIGUSR1, or a failure at run time
+EXIT_CONFIG = 2        # a configuration or usage error
+
+SERVER_KEYS = tuple(
+    name for name in gocept.amqprun.connection.Parameters.defaults)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says where and why."""
+
+
+def load_schema():
+    resource = importlib.resources.files('gocept.amqprun') / 'schema.xml'
+    with importlib.resources.as_file(resource) as path:
+        return ZConfig.loadSchema(str(path))
+
+
+def load_config(path):
+    """Load and check the configuration file; raise ConfigError."""
+    try:
+        config, _ = ZConfig.loadConfig(load_schema(), path)
+    except ZConfig.ConfigurationError as e:
+        raise ConfigError(f'{path}: {e}') from None
+    except OSError as e:
+        raise ConfigError(f'{path}: cannot read: {e.strerror}') from None
+    server = config.amqp_server
+    if not server.hostname and not server.url:
+        raise ConfigError(
+            f'{path}: section <amqp-server>: '
+            'either hostname or url is required')
+    prefetch = config.worker.prefetch or server.prefetch or 2
+    if prefetch < 1:
+        raise ConfigError(
+            f'{path}: section <worker>/<amqp-server>: key prefetch: '
+            'must be at least 1')
+    if config.worker.amount < 1:
+        raise ConfigError(
+            f'{path}: section <worker>: key amount: must be at least 1')
+    config.prefetch = prefetch
+    return config
+
+
+def parameters_from(config):
+    """connection.Parameters from the <amqp-server> section."""
+    server = config.amqp_server
+    kw = {name: getattr(server, name) for name in SERVER_KEYS
+          if getattr(server, name, None) is not None}
+    return gocept.amqprun.connection.Parameters(**kw)
+
+
+def setup(config):
+    """Configure logging, provide ISettings and load the ZCML."""
+    config.eventlog()
+    for logger in config.loggers:
+        logger()
+    settings = gocept.amqprun.settings.Settings()
+    if config.settings is not None:
+        settings.update(config.settings.mapping)
+    zope.component.provideUtility(
+        settings, gocept.amqprun.interfaces.ISettings)
+    zcml = config.worker.component_configuration
+    try:
+        zope.configuration.xmlconfig.file(zcml)
+    except zope.configuration.config.ConfigurationError as e:
+        raise ConfigError(f'{zcml}: {e}') from None
+
+
+def main(config_file=None):
+    """Run the daemon; exit 0 after SIGTERM/SIGINT, 1 after SIGUSR1 or a
+    failure, 2 on a configuration error."""
+    if config_file is None:
+        if len(sys.argv) != 2 or sys.argv[1].startswith('-'):
+            print('usage: server CONFIG_FILE', file=sys.stderr)
+            sys.exit(EXIT_CONFIG)
+        config_file = sys.argv[1]
+    events = queue.SimpleQueue()
+    try:
+        config = load_config(config_file)
+        setup(config)
+        server = gocept.amqprun.server.Server(
+            parameters_from(config),
+            workers=config.worker.amount,
+            prefetch=config.prefetch,
+            shutdown_timeout=config.worker.shutdown_timeout,
+            on_ready=lambda: events.put(('ready', None)))
+    except (ConfigError, gocept.amqprun.server.DuplicateQueueError,
+            ValueError) as e:
+        log.error('%s', e)
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    zope.component.provideUtility(
+        server, gocept.amqprun.interfaces.ISender)
+    sys.exit(run(server, events))
+
+
+def run(server, events):
+    """Run `server` until a signal or a failure; return the exit code.
+
+    `events` is the queue the server's on_ready callback puts into.
+    """
+    def on_signal(signum, frame):
+        events.put(('signal', signum))
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, on_signal)
+
+    def serve():
+        try:
+            server.start()
+        except Exception as e:
+            events.put(('failed', e))
+        else:
+            events.put(('stopped', None))
+    runner = threading.Thread(target=serve, name='amqprun-io', daemon=True)
+    runner.start()
+    started = False
+    while True:
+        kind, value = events.get()
+        if kind == 'ready':
+            if not started:
+                started = True
+                log.info('Started.')
+                zope.event.notify(gocept.amqprun.interfaces.ProcessStarted())
+        elif kind == 'signal':
+            log.info('Received signal %s, shutting down.',
+                     signal.Signals(value).name)
+            code = EXIT_RESTART if value == signal.SIGUSR1 else EXIT_OK
+            break
+        elif kind == 'failed':
+            log.error('Stopping after a fatal error: %s', value)
+            code = EXIT_RESTART
+            break
+        elif kind == 'stopped':
+            code = EXIT_OK
+            break
+    if started:
+        zope.event.notify(gocept.amqprun.interfaces.ProcessStopping())
+    server.stop()
+    runner.join(server.shutdown_timeout)
+    logging.shutdown()
+    return code

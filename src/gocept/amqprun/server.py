@@ -1,0 +1,129 @@
+"""The Server: consumes the handlers' queues and sends transactionally."""
+
+import logging
+import transaction
+import zope.component
+import zope.interface
+import gocept.amqprun.connection
+import gocept.amqprun.interfaces
+import gocept.amqprun.session
+import gocept.amqprun.worker
+
+
+log = logging.getLogger(__name__)
+
+
+class DuplicateQueueError(ValueError):
+    """Two handlers consume from the same queue."""
+
+
+def collect_handlers():
+    """The registered IHandler utilities by queue name.
+
+    Raises DuplicateQueueError naming the queue and both handlers.
+    """
+    handlers = {}
+    names = {}
+    for name, handler in sorted(zope.component.getUtilitiesFor(
+            gocept.amqprun.interfaces.IHandler)):
+        queue = handler.queue_name
+        if queue in handlers:
+            raise DuplicateQueueError(
+                f'Queue {queue!r} is consumed by two handlers: '
+                f'{names[queue]!r} and {name!r}.')
+        handlers[queue] = handler
+        names[queue] = name
+    return handlers
+
+
+def _routing_keys(handler):
+    keys = handler.routing_key
+    return [keys] if isinstance(keys, str) else list(keys)
+
+
+@zope.interface.implementer(
+    gocept.amqprun.interfaces.ILoop, gocept.amqprun.interfaces.ISender)
+class Server:
+    """Connects to the broker, consumes the handlers' queues with `workers`
+    worker threads and sends messages on transaction commit.
+
+    parameters: `connection.Parameters`.
+    setup_handlers: consume the registered IHandler utilities' queues
+        (False: only send).
+    workers: the number of worker threads (one channel each).
+    prefetch: unacked deliveries per worker and queue.
+    shutdown_timeout: seconds `stop()` waits for running handlers.
+    on_ready: called (in the IO thread; must not block) each time the
+        connection is up and consuming.
+    """
+
+    def __init__(self, parameters, setup_handlers=True, workers=1,
+                 prefetch=2, shutdown_timeout=30.0, on_ready=None):
+        self.parameters = parameters
+        self.shutdown_timeout = shutdown_timeout
+        self.handlers = collect_handlers() if setup_handlers else {}
+        queues = [gocept.amqprun.connection.Queue(
+            h.queue_name, _routing_keys(h), h.arguments)
+            for h in self.handlers.values()]
+        self.workers = [gocept.amqprun.worker.Worker(self, i)
+                        for i in range(workers if self.handlers else 0)]
+        self.connection = gocept.amqprun.connection.Connection(
+            parameters, queues, consumers=len(self.workers),
+            prefetch=prefetch,
+            on_delivery=lambda i: self.workers[i].inbox.put,
+            on_ready=on_ready)
+        self._stopped = False
+
+    @property
+    def running(self):
+        return self.connection.ready
+
+    def wait_until_running(self, timeout=None):
+        """Wait until connected and consuming; return `running`."""
+        return self.connection.wait_until_ready(timeout)
+
+    def start(self):
+        """Run in the calling thread until `stop()`.
+
+        Raises connection.ConnectionFailed when the broker cannot be used.
+        """
+        for worker in self.workers:
+            worker.start()
+        try:
+            self.connection.run()
+        finally:
+            self._stop_workers(timeout=0)
+
+    def stop(self):
+        """Stop consuming, let running handlers finish and commit (up to
+        `shutdown_timeout`), close the connection. Thread-safe; must not be
+        called from a handler."""
+        if self._stopped:
+            return
+        self._stopped = True
+        log.info('Stopping: cancelling consumers.')
+        self.connection.cancel_consumers()
+        self._stop_workers(self.shutdown_timeout)
+        self.connection.close()
+        self.connection.wait_until_stopped(self.shutdown_timeout)
+        log.info('Stopped.')
+
+    def _stop_workers(self, timeout):
+        for worker in self.workers:
+            worker.stopping = True
+            worker.inbox.put(None)
+        for worker in self.workers:
+            if worker.is_alive() and worker.ident is not None:
+                worker.join(timeout)
+                if worker.is_alive() and timeout:
+                    log.warning('%s did not finish within %s s; its message '
+                                'returns to the queue.', worker.name, timeout)
+
+    def send(self, message):
+        """Publish `message` when the calling thread's transaction commits
+        (ISender). Inside a handler it joins the handler's transaction."""
+        txn = transaction.get()
+        session = gocept.amqprun.session.Session.of(self, txn)
+        if session is None:
+            session = gocept.amqprun.session.Session.join(self, txn)
+        session.send(message)

@@ -1,0 +1,86 @@
+"""Worker threads: one handled message = one transaction.
+
+Each worker owns one consumer slot (a channel, see `connection`) and gets
+only that slot's deliveries, so its commit -- replies published plus the
+ACK -- is an AMQP transaction of its own, concurrent with the other
+workers' commits. Workers never touch pika: they call `Slot.commit`.
+"""
+
+import logging
+import queue
+import threading
+import transaction
+import gocept.amqprun.connection
+import gocept.amqprun.message
+import gocept.amqprun.security
+import gocept.amqprun.session
+
+
+log = logging.getLogger(__name__)
+
+
+class Worker(threading.Thread):
+    """Handles the deliveries put into `inbox` until it gets None."""
+
+    def __init__(self, server, index):
+        super().__init__(name=f'amqprun-worker-{index}', daemon=True)
+        self.server = server
+        self.inbox = queue.SimpleQueue()
+        self.stopping = False
+        self.busy = False
+
+    def run(self):
+        while True:
+            delivery = self.inbox.get()
+            if delivery is None or self.stopping:
+                # Unhandled deliveries go back to the queue when the
+                # channel closes.
+                if delivery is None:
+                    return
+                continue
+            if not delivery.current:
+                log.debug('Dropping delivery %s of a closed channel.',
+                          delivery.delivery_tag)
+                continue
+            self.busy = True
+            try:
+                self.handle(delivery)
+            except Exception:
+                # handle() logs what it can; a worker never dies.
+                log.exception('Unexpected error in %s', self.name)
+            finally:
+                self.busy = False
+
+    def handle(self, delivery):
+        handler = self.server.handlers[delivery.queue]
+        message = gocept.amqprun.message.Message(
+            delivery.header, delivery.body, delivery.delivery_tag,
+            routing_key=delivery.routing_key)
+        message_id = message.header.message_id
+        manager = transaction.manager
+        txn = manager.begin()
+        session = gocept.amqprun.session.Session.join(
+            self.server, txn, delivery, message)
+        try:
+            with gocept.amqprun.security.interaction(handler.principal):
+                replies = handler(message)
+                for reply in replies or ():
+                    session.send(reply)
+            manager.commit()
+        except Exception:
+            log.exception('Handling message %s from queue %r failed',
+                          message_id, delivery.queue)
+            manager.abort()
+            self.failed(delivery, message_id)
+        else:
+            log.debug('Handled message %s from queue %r',
+                      message_id, delivery.queue)
+
+    def failed(self, delivery, message_id):
+        """Return the delivery to its queue at once."""
+        try:
+            delivery.slot.commit(
+                delivery.epoch, reject=(delivery.delivery_tag, True))
+        except gocept.amqprun.connection.AMQPError as e:
+            log.warning('Could not requeue message %s (%s); the broker '
+                        'requeues it as its channel is gone.', message_id, e)
