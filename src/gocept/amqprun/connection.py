@@ -188,12 +188,14 @@ def _safe_url(params):
 
 
 class Queue:
-    """A queue to declare (durable) and bind to amq.topic."""
+    """A queue to declare (durable), bind to amq.topic with each routing
+    key and, if `consume`, consume from."""
 
-    def __init__(self, name, routing_keys, arguments=None):
+    def __init__(self, name, routing_keys=(), arguments=None, consume=True):
         self.name = name
         self.routing_keys = list(routing_keys)
         self.arguments = dict(arguments) if arguments else None
+        self.consume = consume
 
     def __repr__(self):
         return f'<Queue {self.name!r} {self.routing_keys!r}>'
@@ -356,7 +358,7 @@ class Slot:
 
     def _on_qos(self, frame):
         self._consumer_tags = []
-        remaining = list(self.connection.queues)
+        remaining = [q for q in self.connection.queues if q.consume]
 
         def consume_next(frame=None):
             if not remaining:

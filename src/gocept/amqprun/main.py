@@ -15,6 +15,7 @@ import zope.event
 
 import gocept.amqprun.connection
 import gocept.amqprun.interfaces
+import gocept.amqprun.retry
 import gocept.amqprun.server
 import gocept.amqprun.settings
 
@@ -61,6 +62,13 @@ def load_config(path):
         raise ConfigError(
             f'{path}: section <worker>: key amount: must be at least 1')
     config.prefetch = prefetch
+    worker = config.worker
+    try:
+        config.retry_policy = gocept.amqprun.retry.RetryPolicy(
+            retries=worker.retries, delay=worker.retry_delay,
+            park=worker.park, error_routing_key=worker.error_routing_key)
+    except ValueError as e:
+        raise ConfigError(f'{path}: section <worker>: {e}') from None
     return config
 
 
@@ -106,6 +114,7 @@ def main(config_file=None):
             workers=config.worker.amount,
             prefetch=config.prefetch,
             shutdown_timeout=config.worker.shutdown_timeout,
+            retry_policy=config.retry_policy,
             on_ready=lambda: events.put(('ready', None)))
     except (ConfigError, gocept.amqprun.server.DuplicateQueueError,
             ValueError) as e:

@@ -6,6 +6,7 @@ import zope.component
 import zope.interface
 import gocept.amqprun.connection
 import gocept.amqprun.interfaces
+import gocept.amqprun.retry
 import gocept.amqprun.session
 import gocept.amqprun.worker
 
@@ -53,18 +54,29 @@ class Server:
     workers: the number of worker threads (one channel each).
     prefetch: unacked deliveries per worker and queue.
     shutdown_timeout: seconds `stop()` waits for running handlers.
+    retry_policy: what happens to failed messages (`retry.RetryPolicy`;
+        default: 3 retries 5 s apart, then ``<queue>.parked``).
     on_ready: called (in the IO thread; must not block) each time the
         connection is up and consuming.
     """
 
     def __init__(self, parameters, setup_handlers=True, workers=1,
-                 prefetch=2, shutdown_timeout=30.0, on_ready=None):
+                 prefetch=2, shutdown_timeout=30.0, on_ready=None,
+                 retry_policy=None):
         self.parameters = parameters
         self.shutdown_timeout = shutdown_timeout
+        self.retry_policy = (
+            retry_policy or gocept.amqprun.retry.RetryPolicy())
         self.handlers = collect_handlers() if setup_handlers else {}
-        queues = [gocept.amqprun.connection.Queue(
-            h.queue_name, _routing_keys(h), h.arguments)
-            for h in self.handlers.values()]
+        queues = []
+        for h in self.handlers.values():
+            queues.append(gocept.amqprun.connection.Queue(
+                h.queue_name, _routing_keys(h), h.arguments))
+            queues.extend(
+                gocept.amqprun.connection.Queue(
+                    name, arguments=arguments, consume=False)
+                for name, arguments in
+                self.retry_policy.auxiliary_queues(h.queue_name))
         self.workers = [gocept.amqprun.worker.Worker(self, i)
                         for i in range(workers if self.handlers else 0)]
         self.connection = gocept.amqprun.connection.Connection(

@@ -12,6 +12,7 @@ import threading
 import transaction
 import gocept.amqprun.connection
 import gocept.amqprun.message
+import gocept.amqprun.retry
 import gocept.amqprun.security
 import gocept.amqprun.session
 
@@ -55,7 +56,7 @@ class Worker(threading.Thread):
         handler = self.server.handlers[delivery.queue]
         message = gocept.amqprun.message.Message(
             delivery.header, delivery.body, delivery.delivery_tag,
-            routing_key=delivery.routing_key)
+            routing_key=gocept.amqprun.retry.original_routing_key(delivery))
         message_id = message.header.message_id
         manager = transaction.manager
         txn = manager.begin()
@@ -67,20 +68,29 @@ class Worker(threading.Thread):
                 for reply in replies or ():
                     session.send(reply)
             manager.commit()
-        except Exception:
+        except Exception as error:
             log.exception('Handling message %s from queue %r failed',
                           message_id, delivery.queue)
             manager.abort()
-            self.failed(delivery, message_id)
+            self.failed(delivery, message_id, error)
         else:
             log.debug('Handled message %s from queue %r',
                       message_id, delivery.queue)
 
-    def failed(self, delivery, message_id):
-        """Return the delivery to its queue at once."""
+    def failed(self, delivery, message_id, error):
+        """Settle a failed delivery as the server's RetryPolicy says: ACK it
+        and republish it for a retry or park it, in one AMQP transaction."""
+        description, publishes, reject = self.server.retry_policy.decide(
+            delivery, error)
         try:
             delivery.slot.commit(
-                delivery.epoch, reject=(delivery.delivery_tag, True))
+                delivery.epoch, publishes,
+                ack=None if reject else delivery.delivery_tag,
+                reject=reject)
         except gocept.amqprun.connection.AMQPError as e:
-            log.warning('Could not requeue message %s (%s); the broker '
-                        'requeues it as its channel is gone.', message_id, e)
+            log.warning('Message %s could not be %s (%s); the broker '
+                        'redelivers it.', message_id, description, e)
+        else:
+            (log.error if 'retry' not in description else log.warning)(
+                'Message %s from queue %r: %s.', message_id, delivery.queue,
+                description)
