@@ -3,12 +3,14 @@
 import importlib.resources
 import logging
 import queue
+import re
 import signal
 import sys
 import threading
 
 import ZConfig
 import zope.component
+import zope.component.event  # routes zope.event.notify to ZCML subscribers
 import zope.configuration.config
 import zope.configuration.xmlconfig
 import zope.event
@@ -45,7 +47,7 @@ def load_config(path):
     try:
         config, _ = ZConfig.loadConfig(load_schema(), path)
     except ZConfig.ConfigurationError as e:
-        raise ConfigError(f'{path}: {e}') from None
+        raise ConfigError(describe_config_error(path, e)) from None
     except OSError as e:
         raise ConfigError(f'{path}: cannot read: {e.strerror}') from None
     server = config.amqp_server
@@ -70,6 +72,42 @@ def load_config(path):
     except ValueError as e:
         raise ConfigError(f'{path}: section <worker>: {e}') from None
     return config
+
+
+def describe_config_error(path, error):
+    """'FILE, line N, section <S>, key K: what is wrong' for a ZConfig
+    error (ZConfig does not always say where)."""
+    message = re.sub(r' \(line \d+.*\)$', '', str(error.message))
+    lineno = getattr(error, 'lineno', None)
+    try:
+        with open(path, encoding='utf-8') as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    unknown = re.match(r"'(.+)' is not a known key name", message)
+    if lineno is None and unknown:
+        for number, line in enumerate(lines, 1):
+            words = line.split(None, 1)
+            if words and words[0].lower() == unknown.group(1).lower():
+                lineno = number
+                break
+    if not lineno or lineno > len(lines):
+        return f'{path}: {message}'
+    sections = []
+    for line in lines[:lineno - 1]:
+        tag = re.match(r'\s*<(/?)([\w-]+)', line)
+        if tag and tag.group(1):
+            if sections:
+                sections.pop()
+        elif tag and not line.rstrip().endswith('/>'):
+            sections.append(tag.group(2))
+    where = [f'{path}, line {lineno}']
+    if sections:
+        where.append(f'section <{sections[-1]}>')
+    words = lines[lineno - 1].split(None, 1)
+    if words and not words[0].startswith('<'):
+        where.append(f'key {words[0]}')
+    return f'{", ".join(where)}: {message}'
 
 
 def parameters_from(config):
@@ -100,6 +138,11 @@ def setup(config):
 def main(config_file=None):
     """Run the daemon; exit 0 after SIGTERM/SIGINT, 1 after SIGUSR1 or a
     failure, 2 on a configuration error."""
+    if sys.argv[1:2] == ['--check']:
+        # Not at the top: check imports this module.
+        from gocept.amqprun import check
+        args = sys.argv[2:] or ([config_file] if config_file else [])
+        sys.exit(check.main(args))
     if config_file is None:
         if len(sys.argv) != 2 or sys.argv[1].startswith('-'):
             print('usage: server CONFIG_FILE', file=sys.stderr)
@@ -118,7 +161,8 @@ def main(config_file=None):
             on_ready=lambda: events.put(('ready', None)))
     except (ConfigError, gocept.amqprun.server.DuplicateQueueError,
             ValueError) as e:
-        log.error('%s', e)
+        if logging.getLogger().handlers:
+            log.error('%s', e)
         print(f'error: {e}', file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     zope.component.provideUtility(

@@ -1,0 +1,244 @@
+"""End-to-end: the real `server` entry point in a subprocess."""
+
+import gocept.amqprun.main
+import gocept.amqprun.testing
+import pathlib
+import pytest
+import signal
+import subprocess
+import sys
+
+
+HANDLERS = '''
+import gocept.amqprun.handler
+import gocept.amqprun.interfaces
+import gocept.amqprun.message
+import pathlib
+import zope.component
+import zope.security.management
+
+PREFIX = {prefix!r}
+
+
+def out(body, **header):
+    return gocept.amqprun.message.Message(
+        header, body, routing_key=PREFIX + '.out')
+
+
+@gocept.amqprun.handler.declare(PREFIX + '.echo', [PREFIX + '.a', PREFIX + '.b'])
+def echo(message):
+    settings = zope.component.getUtility(gocept.amqprun.interfaces.ISettings)
+    return [out(message.body + b' ' + message.routing_key.encode()),
+            out(settings['Greeting.Text'])]
+
+
+@gocept.amqprun.handler.declare(PREFIX + '.flaky', PREFIX + '.flaky')
+def flaky(message):
+    marker = pathlib.Path('flaky-' + message.header.message_id)
+    if not marker.exists():
+        marker.touch()
+        raise RuntimeError('first try fails')
+    return [out(b'flaky ok')]
+
+
+@gocept.amqprun.handler.declare(PREFIX + '.secure', PREFIX + '.secure',
+                                principal='zope.manager')
+def secure(message):
+    [p] = zope.security.management.getInteraction().participations
+    return [out(p.principal.id)]
+
+
+@gocept.amqprun.handler.declare(PREFIX + '.sender', PREFIX + '.sender')
+def via_sender(message):
+    sender = zope.component.getUtility(gocept.amqprun.interfaces.ISender)
+    sender.send(out(b'sent via ISender'))
+
+
+@zope.component.adapter(gocept.amqprun.interfaces.IProcessStarted)
+def started(event):
+    pathlib.Path('events').open('a').write('started\\n')
+
+
+@zope.component.adapter(gocept.amqprun.interfaces.IProcessStopping)
+def stopping(event):
+    pathlib.Path('events').open('a').write('stopping\\n')
+'''
+
+ZCML = '''
+  <utility component="handlers.echo" name="echo" />
+  <utility component="handlers.flaky" name="flaky" />
+  <utility component="handlers.secure" name="secure" />
+  <utility component="handlers.via_sender" name="via_sender" />
+  <subscriber handler="handlers.started" />
+  <subscriber handler="handlers.stopping" />
+'''
+
+
+@pytest.fixture
+def daemon(server_process, amqp_client, name_prefix):
+    for queue in ('echo', 'flaky', 'secure', 'sender'):
+        amqp_client.forget(f'{name_prefix}.{queue}')
+        amqp_client.forget(f'{name_prefix}.{queue}.retry')
+        amqp_client.forget(f'{name_prefix}.{queue}.parked')
+    amqp_client.declare(f'{name_prefix}.out', [f'{name_prefix}.out'])
+    return server_process(
+        handlers=HANDLERS.format(prefix=name_prefix), zcml=ZCML,
+        settings={'Greeting.Text': 'Hello World'},
+        worker_extra='  retry-delay 0.1\n')
+
+
+def test_replies_ids_routing_keys_and_settings(
+        daemon, amqp_client, name_prefix):
+    ids = [amqp_client.send(f'{name_prefix}.{key}', b'hi')
+           for key in 'ab']
+    replies = amqp_client.wait_many(f'{name_prefix}.out', 4)
+    bodies = sorted(r.body for r in replies)
+    assert bodies == sorted([
+        b'Hello World', b'Hello World',
+        f'hi {name_prefix}.a'.encode(), f'hi {name_prefix}.b'.encode()])
+    for reply in replies:
+        assert reply.header.correlation_id in ids
+        assert reply.header.headers['references'] == (
+            reply.header.correlation_id)
+        assert reply.header.message_id.startswith('<')
+        assert reply.header.message_id not in ids
+    assert len({r.header.message_id for r in replies}) == 4
+    assert daemon.stop() == 0
+    assert amqp_client.count(f'{name_prefix}.echo') == 0
+
+
+def test_failure_then_success(daemon, amqp_client, name_prefix):
+    msgid = amqp_client.send(f'{name_prefix}.flaky', b'')
+    reply = amqp_client.wait(f'{name_prefix}.out')
+    assert reply.body == b'flaky ok'
+    assert reply.header.correlation_id == msgid
+    log = daemon.log_text()
+    assert f'Handling message {msgid} from queue' in log
+    assert 'RuntimeError: first try fails' in log
+    assert 'Traceback' in log
+    assert daemon.stop() == 0
+
+
+def test_principal_and_sender_inside_handler(
+        daemon, amqp_client, name_prefix):
+    amqp_client.send(f'{name_prefix}.secure', b'')
+    assert amqp_client.wait(f'{name_prefix}.out').body == b'zope.manager'
+    msgid = amqp_client.send(f'{name_prefix}.sender', b'')
+    reply = amqp_client.wait(f'{name_prefix}.out')
+    assert reply.body == b'sent via ISender'
+    assert reply.header.correlation_id == msgid
+
+
+def test_sigterm_exits_0_and_notifies_events(daemon):
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert (daemon.directory / 'events').read_text() == (
+        'started\nstopping\n')
+    assert 'Received signal SIGTERM' in daemon.log_text()
+
+
+def test_sigint_exits_0(daemon):
+    assert daemon.stop(signal.SIGINT) == 0
+
+
+def test_sigusr1_exits_1(daemon):
+    assert daemon.stop(signal.SIGUSR1) == 1
+
+
+def test_duplicate_queue_fails_naming_it(server_process, name_prefix):
+    handlers = f'''
+import gocept.amqprun.handler
+one = gocept.amqprun.handler.declare('{name_prefix}.q', 'a')(print)
+two = gocept.amqprun.handler.declare('{name_prefix}.q', 'b')(print)
+'''
+    process = server_process(start=False, handlers=handlers, zcml='''
+  <utility component="handlers.one" name="one" />
+  <utility component="handlers.two" name="two" />''')
+    process.start(wait=False)
+    assert process.wait() == 2
+    assert f"Queue '{name_prefix}.q' is consumed by two handlers" in (
+        process.output_text())
+
+
+def test_queue_refused_by_broker_fails_naming_it(
+        server_process, amqp_client, name_prefix):
+    amqp_client.declare(f'{name_prefix}.q', arguments={'x-max-length': 1})
+    handlers = f'''
+import gocept.amqprun.handler
+h = gocept.amqprun.handler.declare(
+    '{name_prefix}.q', 'a', arguments={{'x-max-length': 2}})(print)
+'''
+    process = server_process(start=False, handlers=handlers, zcml='''
+  <utility component="handlers.h" name="h" />''')
+    process.start(wait=False)
+    assert process.wait() == 1
+    log = process.log_text()
+    assert f"The broker refused declaring queue '{name_prefix}.q'" in log
+    assert 'PRECONDITION_FAILED' in log
+
+
+def run_main(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, '-m', 'gocept.amqprun', *args], cwd=cwd,
+        capture_output=True, text=True, timeout=60)
+
+
+def test_config_error_names_file_and_line(tmp_path):
+    conf = tmp_path / 'bad.conf'
+    conf.write_text('<eventlog>\n</eventlog>\n<amqp-server>\n'
+                    '  hostname localhost\n  no_such_key 1\n'
+                    '</amqp-server>\n')
+    result = run_main(str(conf))
+    assert result.returncode == 2
+    assert str(conf) in result.stderr
+    assert 'no_such_key' in result.stderr
+    assert 'line 5' in result.stderr
+
+
+def test_missing_zcml_file_is_named(tmp_path):
+    conf = tmp_path / 'server.conf'
+    conf.write_text('<eventlog>\n</eventlog>\n<amqp-server>\n'
+                    '  hostname localhost\n</amqp-server>\n<worker>\n'
+                    '  component-configuration /nonexistent.zcml\n'
+                    '</worker>\n')
+    result = run_main(str(conf))
+    assert result.returncode == 2
+    assert '/nonexistent.zcml' in result.stderr
+    assert 'line 7' in result.stderr
+
+
+def test_zcml_error_is_named(tmp_path):
+    zcml = tmp_path / 'server.zcml'
+    zcml.write_text('<configure xmlns="http://namespaces.zope.org/zope">\n'
+                    '  <include package="gocept.amqprun" />\n'
+                    '  <utility component="no.such.thing" name="x" />\n'
+                    '</configure>\n')
+    conf = tmp_path / 'server.conf'
+    conf.write_text('<eventlog>\n</eventlog>\n<amqp-server>\n'
+                    '  hostname localhost\n</amqp-server>\n<worker>\n'
+                    f'  component-configuration {zcml}\n</worker>\n')
+    result = run_main(str(conf))
+    assert result.returncode == 2
+    assert str(zcml) in result.stderr
+    assert "Couldn't import no.such" in result.stderr
+    assert 'line 3' in result.stderr
+
+
+def test_usage_error_without_config():
+    result = run_main()
+    assert result.returncode == 2
+    assert 'usage' in result.stderr
+
+
+def test_unreachable_broker_exits_non_zero(server_process):
+    process = server_process(
+        start=False,
+        server_extra='  connection_attempts 2\n  retry_delay 0.1\n')
+    conf = process.config.read_text().replace(
+        'port 5672', f'port {gocept.amqprun.testing.free_port()}')
+    process.config.write_text(conf)
+    process.start(wait=False)
+    assert process.wait() == 1
+    log = process.log_text()
+    assert 'Cannot connect to amqp://guest@' in log
+    assert 'after 2 attempt(s)' in log
+    assert 'guest@' in log and ':guest@' not in log
