@@ -1,0 +1,187 @@
+"""The `check` command: does a configuration agree with the broker?
+
+``python -m gocept.amqprun check CONFIG`` (or ``server --check CONFIG``)
+loads the ZConfig file and the ZCML it names, lists the handlers (queue,
+routing keys, arguments, principal, where they were registered), reports
+queues consumed by more than one handler, then connects to the broker and
+compares every queue the daemon would declare with the live one: missing,
+or existing with other arguments. Nothing on the broker is changed.
+
+Exit codes: 0 when everything agrees, 1 when a problem was found (or the
+broker cannot be reached), 2 when the configuration cannot be loaded or
+the command line is wrong.
+"""
+
+import argparse
+import collections
+import logging
+import sys
+
+import zope.component
+import zope.configuration.config
+import zope.configuration.xmlconfig
+
+import gocept.amqprun.connection
+import gocept.amqprun.interfaces
+import gocept.amqprun.main
+import gocept.amqprun.server
+import gocept.amqprun.settings
+
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_CONFIG = 2
+
+
+class Registration:
+    """A handler as registered: its utility name, the handler and where
+    the registration was made (file and line, if known)."""
+
+    def __init__(self, name, handler, info):
+        self.name = name
+        self.handler = handler
+        self.info = _where(info)
+
+
+def _where(info):
+    """The first line of a zope.configuration ParserInfo
+    (``File "...", line 3.2-3.60``), or ''."""
+    text = str(info or '').strip()
+    return text.splitlines()[0] if text else ''
+
+
+def load(config_file):
+    """Load the configuration and its ZCML into the global registry.
+
+    Returns the ZConfig object; raises main.ConfigError naming file and
+    line. Logging is not set up (the check only prints).
+    """
+    config = gocept.amqprun.main.load_config(config_file)
+    settings = gocept.amqprun.settings.Settings()
+    if config.settings is not None:
+        settings.update(config.settings.mapping)
+    zope.component.provideUtility(
+        settings, gocept.amqprun.interfaces.ISettings)
+    zcml = config.worker.component_configuration
+    try:
+        zope.configuration.xmlconfig.file(zcml)
+    except zope.configuration.config.ConfigurationError as e:
+        raise gocept.amqprun.main.ConfigError(f'{zcml}: {e}') from None
+    return config
+
+
+def registrations():
+    """The IHandler registrations of the global registry, by name."""
+    result = []
+    for reg in zope.component.getGlobalSiteManager().registeredUtilities():
+        if reg.provided.isOrExtends(gocept.amqprun.interfaces.IHandler):
+            result.append(Registration(reg.name, reg.component, reg.info))
+    return sorted(result, key=lambda r: r.name)
+
+
+def duplicates(regs):
+    """{queue name: [registrations]} for queues with several handlers."""
+    by_queue = collections.defaultdict(list)
+    for reg in regs:
+        by_queue[reg.handler.queue_name].append(reg)
+    return {queue: regs for queue, regs in by_queue.items()
+            if len(regs) > 1}
+
+
+def _routing_keys(handler):
+    keys = handler.routing_key
+    return [keys] if isinstance(keys, str) else list(keys)
+
+
+def check(config_file, connect=True, out=None):
+    """Run the check, printing to `out`; return the exit code."""
+    def say(text=''):
+        print(text, file=out or sys.stdout)
+
+    try:
+        config = load(config_file)
+    except gocept.amqprun.main.ConfigError as e:
+        say(f'ERROR: {e}')
+        return EXIT_CONFIG
+    problems = 0
+    regs = registrations()
+    say(f'Configuration: {config_file}')
+    say(f'Component configuration: '
+        f'{config.worker.component_configuration}')
+    say(f'Handlers: {len(regs)}')
+    for reg in regs:
+        h = reg.handler
+        say(f'  {reg.name}')
+        if reg.info:
+            say(f'    registered: {reg.info}')
+        say(f'    queue: {h.queue_name}')
+        say(f'    routing keys: {", ".join(_routing_keys(h)) or "-"}')
+        say(f'    arguments: {h.arguments or "-"}')
+        say(f'    principal: {h.principal or "-"}')
+    for queue, regs_ in sorted(duplicates(regs).items()):
+        problems += 1
+        say(f'ERROR: queue {queue!r} is consumed by '
+            f'{len(regs_)} handlers:')
+        for reg in regs_:
+            say(f'    {reg.name} ({reg.info or "registered in Python"})')
+    if problems:
+        say(f'{problems} problem(s).')
+        return EXIT_PROBLEMS
+    parameters = gocept.amqprun.main.parameters_from(config)
+    # The queues exactly as the daemon would declare them (handlers'
+    # queues and the retry policy's auxiliary queues); nothing connects.
+    server = gocept.amqprun.server.Server(
+        parameters, workers=1, retry_policy=config.retry_policy)
+    queues = server.connection.queues
+    if not connect:
+        say('Broker not contacted (--no-connect).')
+        say('OK.')
+        return EXIT_OK
+    say(f'Broker: {parameters.describe()}')
+    # pika logs connection failures with tracebacks; the check reports.
+    pika_log = logging.getLogger('pika')
+    level = pika_log.level
+    pika_log.setLevel(logging.CRITICAL)
+    try:
+        states = gocept.amqprun.connection.inspect_queues(
+            parameters, queues)
+    except gocept.amqprun.connection.ConnectionFailed as e:
+        say(f'ERROR: {e}')
+        return EXIT_PROBLEMS
+    finally:
+        pika_log.setLevel(level)
+    for state in states:
+        name = state.queue.name
+        if state.status == 'ok':
+            say(f'  {name}: ok ({state.messages} message(s), '
+                f'{state.consumers} consumer(s))')
+        elif state.status == 'missing':
+            problems += 1
+            say(f'  ERROR: {name}: missing on the broker (the daemon '
+                'would create it)')
+        else:
+            problems += 1
+            say(f'  ERROR: {name}: differs from the declaration with '
+                f'arguments {state.queue.arguments or {}}: {state.detail}')
+    if problems:
+        say(f'{problems} problem(s).')
+        return EXIT_PROBLEMS
+    say('OK.')
+    return EXIT_OK
+
+
+def main(args=None):
+    """Command line entry; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog='python -m gocept.amqprun check',
+        description='Check a gocept.amqprun configuration and compare '
+        'its queues with the broker.')
+    parser.add_argument('config', help='the ZConfig file (server.conf)')
+    parser.add_argument(
+        '--no-connect', dest='connect', action='store_false',
+        help='only load and list, do not contact the broker')
+    try:
+        options = parser.parse_args(args)
+    except SystemExit as e:
+        return EXIT_CONFIG if e.code else EXIT_OK
+    return check(options.config, options.connect)

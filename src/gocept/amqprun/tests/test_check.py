@@ -1,0 +1,164 @@
+"""The `check` command against the real broker."""
+
+import subprocess
+import sys
+
+import pytest
+
+import gocept.amqprun.check
+import gocept.amqprun.connection
+import gocept.amqprun.testing
+
+
+HANDLERS = """\
+    import gocept.amqprun.handler
+
+    @gocept.amqprun.handler.declare(
+        '{p}.in', ['{p}.a', '{p}.b'], arguments={{'x-max-length': 10}},
+        principal='alice')
+    def first(message):
+        return []
+
+    @gocept.amqprun.handler.declare('{p}.in', '{p}.c')
+    def second(message):
+        return []
+"""
+
+
+@pytest.fixture
+def configure(tmp_path, amqp_parameters, zca, monkeypatch):
+    """Write a configuration (server.conf, server.zcml, handlers.py);
+    return the path of server.conf. The check imports `handlers`."""
+    monkeypatch.delitem(sys.modules, 'handlers', raising=False)
+    made = []
+
+    def factory(prefix, zcml, parameters=amqp_parameters, **kw):
+        directory = tmp_path / f'conf{len(made)}'
+        process = gocept.amqprun.testing.ServerProcess(
+            directory, parameters, handlers=HANDLERS.format(p=prefix),
+            zcml=zcml, **kw)
+        monkeypatch.syspath_prepend(str(directory))
+        made.append(process)
+        return process.config
+    yield factory
+    sys.modules.pop('handlers', None)
+
+
+def run_check(capsys, *args):
+    code = gocept.amqprun.check.main([str(a) for a in args])
+    return code, capsys.readouterr().out
+
+
+FIRST = '<utility component="handlers.first" name="first" />'
+SECOND = '<utility component="handlers.second" name="second" />'
+
+
+def test_lists_handlers_and_reports_missing_queues(
+        configure, capsys, amqp_client, name_prefix):
+    config = configure(name_prefix, FIRST)
+    code, out = run_check(capsys, config)
+    assert code == 1
+    assert 'first\n' in out
+    assert 'server.zcml", line 4' in out
+    assert f'queue: {name_prefix}.in' in out
+    assert f'routing keys: {name_prefix}.a, {name_prefix}.b' in out
+    assert "arguments: {'x-max-length': 10}" in out
+    assert 'principal: alice' in out
+    assert f'ERROR: {name_prefix}.in: missing on the broker' in out
+    assert f'ERROR: {name_prefix}.in.retry: missing' in out
+    assert f'ERROR: {name_prefix}.in.parked: missing' in out
+    assert '3 problem(s).' in out
+    # Passive: the check created nothing.
+    assert not amqp_client.exists(f'{name_prefix}.in')
+    assert not amqp_client.exists(f'{name_prefix}.in.retry')
+
+
+def test_agrees_with_what_the_daemon_declared(
+        configure, capsys, amqp_client, name_prefix, server_process):
+    zcml = FIRST
+    config = configure(name_prefix, zcml)
+    process = server_process(
+        handlers=HANDLERS.format(p=name_prefix), zcml=zcml)
+    for suffix in ('', '.retry', '.parked'):
+        amqp_client.forget(f'{name_prefix}.in{suffix}')
+    assert process.stop() == 0
+    code, out = run_check(capsys, config)
+    assert out.endswith('OK.\n'), out
+    assert code == 0
+    assert f'{name_prefix}.in: ok (0 message(s), 0 consumer(s))' in out
+
+
+def test_reports_different_arguments_without_changing_the_queue(
+        configure, capsys, amqp_client, name_prefix):
+    config = configure(name_prefix, FIRST, worker_extra='  retries 0\n')
+    amqp_client.declare(f'{name_prefix}.in', arguments={'x-max-length': 5})
+    amqp_client.declare(f'{name_prefix}.in.parked')
+    amqp_client.send(f'{name_prefix}.x', b'')  # nothing bound: no-op
+    code, out = run_check(capsys, config)
+    assert code == 1
+    assert (f"ERROR: {name_prefix}.in: differs from the declaration with "
+            "arguments {'x-max-length': 10}: 406 PRECONDITION_FAILED") in out
+    assert f'{name_prefix}.in.parked: ok' in out
+    assert '1 problem(s).' in out
+    # The queue kept its arguments: our own declaration still agrees.
+    amqp_client.channel.queue_declare(
+        f'{name_prefix}.in', durable=True, arguments={'x-max-length': 5})
+
+
+def test_reports_duplicate_queues_with_file_and_line(
+        configure, capsys, name_prefix):
+    config = configure(name_prefix, f'{FIRST}\n{SECOND}')
+    code, out = run_check(capsys, config)
+    assert code == 1
+    assert f"ERROR: queue '{name_prefix}.in' is consumed by 2 handlers:" \
+        in out
+    assert 'first (File "' in out and 'server.zcml", line 4.' in out
+    assert 'second (File "' in out and 'server.zcml", line 5.' in out
+    assert 'Broker:' not in out
+
+
+def test_configuration_error_names_file_and_line(
+        configure, capsys, name_prefix):
+    config = configure(name_prefix, FIRST, worker_extra='  bogus 1\n')
+    code, out = run_check(capsys, config)
+    assert code == 2
+    assert str(config) in out
+    assert 'line' in out
+
+
+def test_zcml_error_names_file_and_line(configure, capsys, name_prefix):
+    config = configure(
+        name_prefix, '<utility component="handlers.nonesuch" name="x" />')
+    code, out = run_check(capsys, config)
+    assert code == 2
+    assert 'server.zcml' in out
+    assert 'line 4' in out
+    assert 'nonesuch' in out
+
+
+def test_unreachable_broker_is_a_problem(configure, capsys, name_prefix):
+    params = gocept.amqprun.connection.Parameters(
+        hostname='127.0.0.1', port=gocept.amqprun.testing.free_port())
+    config = configure(name_prefix, FIRST, parameters=params)
+    code, out = run_check(capsys, config)
+    assert code == 1
+    assert 'ERROR: Cannot connect to amqp://guest@127.0.0.1:' in out
+
+
+def test_usage_error(capsys):
+    assert gocept.amqprun.check.main([]) == 2
+
+
+@pytest.mark.parametrize('command', [
+    ['-m', 'gocept.amqprun', 'check'],
+    ['-c', 'import gocept.amqprun.main as m; m.main()', '--check'],
+])
+def test_command_lines(configure, name_prefix, command):
+    config = configure(name_prefix, FIRST)
+    result = subprocess.run(
+        [sys.executable, *command, str(config), '--no-connect'],
+        cwd=config.parent, capture_output=True, text=True, timeout=60,
+        env={'PYTHONPATH': ':'.join([str(config.parent)] + sys.path)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f'queue: {name_prefix}.in' in result.stdout
+    assert 'OK.' in result.stdout
