@@ -346,6 +346,7 @@ class Slot:
     def _on_open(self, channel):
         self._channel = channel
         channel.add_on_close_callback(self._on_close)
+        channel.add_on_cancel_callback(self._on_cancelled_by_broker)
         channel.tx_select(callback=self._on_tx_select)
 
     def _on_tx_select(self, frame):
@@ -391,11 +392,28 @@ class Slot:
         if channel is not self._channel:
             return
         self._lost(reason)
-        if self.connection._pika_open() and not self.connection._closing:
-            log.warning('%s: channel closed by the broker (%s); reopening',
-                        self, reason)
-            self.connection._ready.clear()
+        connection = self.connection
+        if not connection._pika_open() or connection._closing:
+            return
+        connection._ready.clear()
+        if getattr(reason, 'reply_code', None) == 404:
+            # A queue went away under us: only a full redeclare helps.
+            connection._reconnect(f'{self}: {_describe(reason)}')
+            return
+        delay = connection.parameters.retry_delay
+        log.warning('%s: channel closed by the broker (%s); reopening in '
+                    '%.1f s', self, _describe(reason), delay)
+        connection._ioloop.call_later(delay, self._reopen)
+
+    def _reopen(self):
+        if self.connection._pika_open() and self._channel is None \
+                and not self.connection._closing:
             self._open()
+
+    def _on_cancelled_by_broker(self, frame):
+        # The broker cancels a consumer when its queue is deleted.
+        self.connection._reconnect(
+            f'{self}: the broker cancelled consuming (queue deleted?)')
 
     def _lost(self, reason):
         """The current channel is gone: fail what waits on it."""
@@ -450,8 +468,8 @@ class Connection:
         self._free_senders = []
         self._sender_lock = threading.Lock()
         self._ready = threading.Event()
-        self._started = threading.Event()
         self._stopped = threading.Event()
+        self._stopped.set()     # not running
         self._failure = None
         self._closing = False
         self._ever_connected = False
@@ -491,13 +509,18 @@ class Connection:
     def cancel_consumers(self, timeout=10):
         """Stop all deliveries; return when the broker confirmed (or the
         connection is gone, or `timeout` passed); thread-safe."""
+        if self._stopped.is_set():
+            return
         done = threading.Event()
         self._call(self._cancel_consumers, done.set)
         done.wait(timeout)
 
     def close(self):
-        """Close the connection; `run` returns afterwards; thread-safe."""
-        self._call(self._close)
+        """Close the connection; `run` returns afterwards (or at once, if
+        it is not running yet); thread-safe."""
+        self._closing = True
+        if not self._stopped.is_set():
+            self._call(self._close)
 
     def wait_until_stopped(self, timeout=None):
         return self._stopped.wait(timeout)
@@ -524,6 +547,9 @@ class Connection:
         topology (e.g. a queue redeclared with other arguments).
         """
         self._stopped.clear()
+        if self._closing:       # close() came first
+            self._stopped.set()
+            return
         try:
             ioloop = IOLoop()
             with self._calls_lock:
@@ -605,6 +631,12 @@ class Connection:
         log.error('Connection to the broker lost: %s; reconnecting in '
                   '%.1f s', _describe(reason), delay)
         self._ioloop.call_later(delay, self._connect)
+
+    def _reconnect(self, reason):
+        """Drop the connection; `_on_close` reconnects."""
+        if self._pika_open():
+            log.error('Reconnecting: %s', reason)
+            self._pika.close(320, 'reconnecting')
 
     def _declare(self, channel):
         steps = []
