@@ -39,7 +39,7 @@ _counter = itertools.count()
 def make_unique():
     """A name part unique across threads, processes and restarts: time,
     process id, a per-process counter and random bits."""
-    return '{}.{}.{}.{}'.format(
+    return '{}-{}-{}-{}'.format(
         time.time_ns(), os.getpid(), next(_counter), secrets.token_hex(4))
 
 
@@ -53,7 +53,8 @@ class Pattern:
     ``{name}`` is accepted for ``${name}``. The pattern itself must yield
     a relative path without empty, ``.`` or ``..`` components (checked
     here); variable values are neutralised by `path`, so no value can
-    leave the directory.
+    leave the directory. `extension` is the literal extension the pattern
+    ends with (``.xml`` of ``${unique}.xml``), or ``''``.
     """
 
     _braces = re.compile(r'(?<!\$)\{([_a-zA-Z][_a-zA-Z0-9]*)\}')
@@ -74,6 +75,10 @@ class Pattern:
                 raise PatternError(
                     f'Pattern {text!r} has an empty, "." or ".." path '
                     'component or a NUL character.')
+        # The literal text after the last variable in the last component.
+        marked = self.template.substitute({n: '\0' for n in names})
+        tail = marked.rsplit('/', 1)[-1].rsplit('\0', 1)[-1]
+        self.extension = os.path.splitext('x' + tail)[1]
 
     def path(self, variables):
         """The relative path for `variables` (missing ones are empty).
@@ -86,6 +91,14 @@ class Pattern:
                   for name in self.names}
         path = self.template.substitute(values)
         return '/'.join(_clean_component(part) for part in path.split('/'))
+
+    def header_path(self, body_path):
+        """``name.header.ext`` for ``name.ext`` (where ``.ext`` is the
+        pattern's `extension`), else ``name.header``."""
+        ext = self.extension
+        if ext and body_path.endswith(ext):
+            return f'{body_path[:-len(ext)]}.header{ext}'
+        return f'{body_path}.header'
 
 
 def _clean_value(value):
@@ -105,19 +118,12 @@ def _clean_component(part):
     if len(encoded) <= MAX_NAME_BYTES:
         return part
     stem, ext = os.path.splitext(part)
-    if len(ext.encode('utf-8')) > 16:
+    if len(ext.encode('utf-8')) > 32:
         stem, ext = part, ''
     digest = hashlib.sha256(encoded).hexdigest()[:16]
     room = MAX_NAME_BYTES - len(ext.encode('utf-8')) - len(digest) - 1
     stem = stem.encode('utf-8')[:room].decode('utf-8', 'ignore')
     return f'{stem}~{digest}{ext}'
-
-
-def header_name(body_name):
-    """``name.header.ext`` for ``name.ext`` (``name.header`` without an
-    extension)."""
-    stem, ext = os.path.splitext(body_name)
-    return f'{stem}.header{ext}'
 
 
 def variable_name(header):
@@ -191,7 +197,8 @@ class FileWriter:
     def __call__(self, message):
         path = self.path(message)
         transaction.get().join(FileDataManager(
-            self.directory, {header_name(path): header_json(message),
+            self.directory, {self.pattern.header_path(path):
+                             header_json(message),
                              path: message.body}))
         zope.event.notify(
             gocept.amqprun.interfaces.MessageStored(message, path))
