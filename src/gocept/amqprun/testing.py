@@ -415,6 +415,59 @@ def unique_name(prefix='test'):
     return f'{prefix}.{uuid.uuid4().hex[:12]}'
 
 
+def call_handler(handler, body=b'', header=None, routing_key=None,
+                 commit=False):
+    """Call `handler` with a fake incoming message, without a broker;
+    return its replies as the daemon would send them.
+
+    handler: an IHandler, or the name of a registered one.
+    body, header (a dict or message.Header), routing_key (default: the
+        handler's first routing key) make the incoming message; it gets a
+        message-id unless `header` has one.
+    The handler runs as the daemon runs it: inside a transaction, as its
+    principal. Its replies pass through `session.Session.send`, so they
+    carry correlation_id and the ``references`` header. The transaction
+    is aborted afterwards (data managers the handler joined do nothing)
+    unless `commit` is true. Exceptions of the handler propagate (the
+    transaction is aborted).
+    """
+    import transaction
+    import zope.component
+    import gocept.amqprun.interfaces
+    import gocept.amqprun.security
+    import gocept.amqprun.session
+    if isinstance(handler, str):
+        handler = zope.component.getUtility(
+            gocept.amqprun.interfaces.IHandler, name=handler)
+    header = gocept.amqprun.message.make_header(dict(
+        header.as_dict() if isinstance(header, gocept.amqprun.message.Header)
+        else header or {}))
+    if header.message_id is None:
+        header.message_id = gocept.amqprun.message.make_message_id()
+    if routing_key is None:
+        keys = handler.routing_key
+        routing_key = keys if isinstance(keys, str) else list(keys)[0]
+    message = gocept.amqprun.message.Message(
+        header, body, delivery_tag=1, routing_key=routing_key)
+    session = gocept.amqprun.session.Session(None, received=message)
+    replies = []
+    manager = transaction.manager
+    manager.begin()
+    try:
+        with gocept.amqprun.security.interaction(handler.principal):
+            for reply in handler(message) or ():
+                session.send(reply)
+                replies.append(reply)
+    except BaseException:
+        manager.abort()
+        raise
+    if commit:
+        manager.commit()
+    else:
+        manager.abort()
+    return replies
+
+
 _broker = None
 
 
