@@ -14,7 +14,6 @@ import gocept.amqprun.interfaces
 import gocept.amqprun.readfiles as readfiles
 import gocept.amqprun.testing
 from gocept.amqprun.testing import wait_for
-from gocept.amqprun.tests.proxy import Proxy
 from gocept.amqprun.tests.test_writefiles import load
 from gocept.amqprun.tests.test_writefiles import stored
 
@@ -205,9 +204,10 @@ def test_broker_briefly_unreachable(
     sent exactly once when it is back."""
     maildir = tmp_path / 'in'
     queue = amqp_client.declare(f'{name_prefix}.q', [f'{name_prefix}.r'])
-    proxy = Proxy((amqp_parameters.hostname, amqp_parameters.port or 5672))
-    parameters = gocept.amqprun.connection.Parameters(
-        hostname='127.0.0.1', port=proxy.port,
+    broker_port = amqp_parameters.port or 5672
+    proxy = gocept.amqprun.testing.Proxy(
+        broker_port, amqp_parameters.hostname)
+    parameters = proxy.parameters(
         username=amqp_parameters.username,
         password=amqp_parameters.password,
         virtual_host=amqp_parameters.virtual_host)
@@ -221,13 +221,14 @@ def test_broker_briefly_unreachable(
         process.start()
         put(maildir, 'before', b'0')
         assert amqp_client.wait(queue).body == b'0'
-        proxy.cut()
+        proxy.stop()   # the broker is unreachable now
         process.wait_for_log('Connection to the broker lost')
         for i in range(1, 6):
             put(maildir, f'during-{i}', str(i).encode())
         process.wait_for_log('Could not send')
         assert names(maildir / 'new') == [f'during-{i}' for i in range(1, 6)]
-        proxy.restore()
+        proxy = gocept.amqprun.testing.Proxy(
+            broker_port, amqp_parameters.hostname, port=proxy.port)
         received = amqp_client.wait_many(queue, 5)
         assert sorted(m.body for m in received) == [b'1', b'2', b'3', b'4',
                                                     b'5']
@@ -238,7 +239,7 @@ def test_broker_briefly_unreachable(
     finally:
         if process.process is not None and process.process.poll() is None:
             process.kill()
-        proxy.close()
+        proxy.stop()
 
 
 @pytest.mark.slow

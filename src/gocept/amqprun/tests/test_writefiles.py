@@ -17,7 +17,6 @@ import gocept.amqprun.testing
 import gocept.amqprun.writefiles as writefiles
 import gocept.amqprun.zcml
 from gocept.amqprun.testing import wait_for
-from gocept.amqprun.tests.proxy import Proxy
 
 
 def files(directory, temporary=True):
@@ -385,9 +384,10 @@ def test_failed_amqp_commit_leaves_no_file(
     out = tmp_path / 'out'
     queue = f'{name_prefix}.q'
     amqp_client.forget(queue)
-    proxy = Proxy((amqp_parameters.hostname, amqp_parameters.port or 5672))
-    parameters = gocept.amqprun.connection.Parameters(
-        hostname='127.0.0.1', port=proxy.port,
+    broker_port = amqp_parameters.port or 5672
+    proxy = gocept.amqprun.testing.Proxy(
+        broker_port, amqp_parameters.hostname)
+    parameters = proxy.parameters(
         username=amqp_parameters.username,
         password=amqp_parameters.password,
         virtual_host=amqp_parameters.virtual_host)
@@ -400,7 +400,8 @@ def test_failed_amqp_commit_leaves_no_file(
 
             def stored(event):
                 calls = len(list(CONTROL.glob('called-*')))
-                (CONTROL / f'called-{{calls}}').write_text(event.path)
+                (CONTROL / 'tmp').write_text(event.path)
+                (CONTROL / 'tmp').rename(CONTROL / f'called-{{calls}}')
                 if calls == 0:
                     # Hold the first attempt until the test cut the
                     # connection under it.
@@ -417,9 +418,10 @@ def test_failed_amqp_commit_leaves_no_file(
         process.start()
         amqp_client.send(f'{name_prefix}.a', b'once')
         wait_for(lambda: (control / 'called-0').exists())
-        proxy.cut()
+        proxy.stop()   # the broker is unreachable now
         process.wait_for_log('Connection to the broker lost')
-        proxy.restore()
+        proxy = gocept.amqprun.testing.Proxy(
+            broker_port, amqp_parameters.hostname, port=proxy.port)
         (control / 'go').touch()
         process.wait_for_log(
             f"from queue '{queue}' failed")
@@ -438,4 +440,4 @@ def test_failed_amqp_commit_leaves_no_file(
     finally:
         if process.process is not None and process.process.poll() is None:
             process.kill()
-        proxy.close()
+        proxy.stop()
