@@ -15,6 +15,7 @@ shared broker). Every wait is bounded.
 """
 
 import collections
+import concurrent.futures
 import contextlib
 import pathlib
 import signal
@@ -24,8 +25,11 @@ import time
 import pika
 import pika.exceptions
 import pytest
+import transaction
 
 import gocept.amqprun.connection
+import gocept.amqprun.message
+import gocept.amqprun.server
 import gocept.amqprun.testing
 
 
@@ -451,6 +455,17 @@ def test_wrong_credentials_exit_with_a_clear_error(echo, amqp_parameters):
     assert elapsed < 20
 
 
+def test_wrong_password_in_url_is_not_logged(echo, amqp_parameters):
+    host = amqp_parameters.hostname
+    port = amqp_parameters.port or 5672
+    code, elapsed, text = failed_start(
+        echo, amqp_parameters,
+        server_extra=f'  url amqp://guest:{SECRET}@{host}:{port}/%2F\n')
+    assert code == 1
+    assert 'refused the credentials' in text
+    assert elapsed < 20
+
+
 def test_unknown_vhost_exits_with_a_clear_error(echo, amqp_parameters):
     code, elapsed, text = failed_start(
         echo, gocept.amqprun.testing.environment_parameters(
@@ -624,3 +639,51 @@ def test_reply_the_broker_refuses_is_parked_not_looping(echo):
         log = process.log_text()
         print(f'{log.count("NOT_FOUND")} channel closures (404)')
     assert process.stop() == 0
+
+
+# Sending outside handlers during an outage
+
+
+@pytest.mark.slow
+def test_send_during_outage_waits_or_raises_never_loses(
+        amqp_parameters, amqp_client, name_prefix, zca):
+    out = amqp_client.declare(f'{name_prefix}.out', [f'{name_prefix}.out'])
+    proxy = Proxy(amqp_parameters.port, amqp_parameters.hostname)
+    server = gocept.amqprun.server.Server(
+        proxy.parameters(send_timeout=1.5, retry_delay=0.1,
+                         max_retry_delay=0.3),
+        setup_handlers=False)
+    runner = gocept.amqprun.testing.ServerThread(server).start()
+    second = None
+
+    def send(body):
+        server.send(gocept.amqprun.message.Message(
+            {}, body, routing_key=f'{name_prefix}.out'))
+        try:
+            transaction.commit()
+        finally:
+            transaction.abort()
+    try:
+        send(b'before')
+        assert amqp_client.wait(out).body == b'before'
+        proxy.stop()    # the broker is unreachable from now on
+        wait_for(lambda: not server.running, timeout=10)
+        started = time.monotonic()
+        with pytest.raises(gocept.amqprun.connection.ConnectionUnavailable):
+            send(b'during')
+        assert time.monotonic() - started < 10
+        # A commit waiting for the connection goes through once it is back.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            # Slot.commit reads the send timeout from the Parameters.
+            server.parameters.send_timeout = 30
+            future = pool.submit(send, b'after')
+            second = Proxy(amqp_parameters.port, amqp_parameters.hostname,
+                           port=proxy.port)
+            future.result(timeout=40)
+        assert amqp_client.wait(out).body == b'after'
+        assert amqp_client.get(out) is None
+    finally:
+        runner.stop()
+        proxy.stop()
+        if second is not None:
+            second.stop()
