@@ -10,6 +10,7 @@ import zope.interface
 import zope.schema
 
 import gocept.amqprun.interfaces
+import gocept.amqprun.writefiles
 
 
 def parse_arguments(text):
@@ -62,7 +63,6 @@ class IWriteFilesDirective(zope.interface.Interface):
 
 def writefiles(_context, queue_name, routing_key, directory, pattern=None,
                arguments=None):
-    import gocept.amqprun.writefiles
     try:
         writer = gocept.amqprun.writefiles.FileWriter(
             queue_name, routing_key, directory,
@@ -94,6 +94,7 @@ class IReadFilesDirective(zope.interface.Interface):
 
 def readfiles(_context, directory, routing_key, content_type=None,
               poll_interval=None):
+    # Imported here: gocept.filestore is the optional `readfiles` extra.
     import gocept.amqprun.readfiles
     reader = gocept.amqprun.readfiles.FileReader(
         directory, routing_key,

@@ -219,8 +219,11 @@ def test_broker_briefly_unreachable(
              f' routing_key="{name_prefix}.r" poll_interval="0.05" />')
     try:
         process.start()
+        wait_for(lambda: names(maildir) == ['cur', 'new', 'tmp'])
         put(maildir, 'before', b'0')
         assert amqp_client.wait(queue).body == b'0'
+        # Published by the AMQP commit; the move to cur/ follows it.
+        wait_for(lambda: names(maildir / 'cur') == ['before'])
         proxy.stop()   # the broker is unreachable now
         process.wait_for_log('Connection to the broker lost')
         for i in range(1, 6):

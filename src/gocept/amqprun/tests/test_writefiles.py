@@ -10,7 +10,6 @@ import zope.configuration.config
 import zope.configuration.xmlconfig
 import zope.component
 
-import gocept.amqprun.connection
 import gocept.amqprun.interfaces
 import gocept.amqprun.message
 import gocept.amqprun.testing
