@@ -31,6 +31,8 @@ import urllib.parse
 import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectionWorkflowFailed)
 
 import gocept.amqprun.message
 
@@ -51,7 +53,15 @@ class ChannelLost(AMQPError):
     """The channel of a delivery or of a commit went away before the
     commit was confirmed. The broker has rolled the transaction back (and
     requeued the delivery) -- unless the loss happened after the broker
-    committed but before it confirmed, which cannot be told apart."""
+    committed but before it confirmed, which cannot be told apart.
+
+    `refused` is True when the broker closed the channel because of what
+    was sent on it (e.g. a publish to an exchange that does not exist).
+    """
+
+    def __init__(self, message, refused=False):
+        super().__init__(message)
+        self.refused = refused
 
 
 class ConnectionUnavailable(AMQPError):
@@ -396,7 +406,8 @@ class Slot:
         if not connection._pika_open() or connection._closing:
             return
         connection._ready.clear()
-        if getattr(reason, 'reply_code', None) == 404:
+        if getattr(reason, 'reply_code', None) == 404 \
+                and 'no queue' in str(getattr(reason, 'reply_text', '')):
             # A queue went away under us: only a full redeclare helps.
             connection._reconnect(f'{self}: {_describe(reason)}')
             return
@@ -421,8 +432,10 @@ class Slot:
         self._channel = None
         self._consumer_tags = []
         pending, self._pending = self._pending, []
+        refused = isinstance(reason, pika.exceptions.ChannelClosedByBroker)
         for future in pending:
-            future.set_exception(ChannelLost(f'{self}: {reason}'))
+            future.set_exception(ChannelLost(
+                f'{self}: {_describe(reason)}', refused=refused))
 
     def _cancel(self, done):
         channel = self._channel
@@ -745,18 +758,42 @@ class Connection:
             slot._lost(error)
 
 
+def _root_cause(error):
+    """Unwrap pika's connection workflow exceptions down to the error
+    that says why (refused, certificate verify failed, ...)."""
+    for _ in range(10):
+        inner = None
+        if isinstance(error, AMQPConnectionWorkflowFailed) \
+                and error.exceptions:
+            inner = error.exceptions[-1]
+        elif isinstance(getattr(error, 'exception', None), BaseException):
+            inner = error.exception
+        elif isinstance(error, pika.exceptions.AMQPConnectionError) \
+                and len(error.args) == 1 \
+                and isinstance(error.args[0], BaseException):
+            inner = error.args[0]
+        if inner is None:
+            break
+        error = inner
+    return error
+
+
 def _describe(error):
     """A log-friendly reason (pika's exceptions print poorly)."""
     if isinstance(error, pika.exceptions.ProbableAuthenticationError):
-        return 'the broker refused the credentials (wrong username or password?)'
+        return ('the broker refused the credentials '
+                '(wrong username or password?)')
     if isinstance(error, pika.exceptions.ProbableAccessDeniedError):
         return 'access refused (unknown virtual host or no permission?)'
     if isinstance(error, (pika.exceptions.ChannelClosed,
                           pika.exceptions.ConnectionClosed)):
         return f'{error.reply_code} {error.reply_text}'
-    text = str(error) or error.__class__.__name__
-    return f'{error.__class__.__name__}: {text}' \
-        if error.__class__.__name__ not in text else text
+    cause = _root_cause(error)
+    if cause is not error:
+        return _describe(cause)
+    name = error.__class__.__name__
+    text = str(error) or repr(error)
+    return text if text.startswith(name) else f'{name}: {text}'
 
 
 # Inspection (the check command)

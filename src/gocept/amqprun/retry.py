@@ -12,6 +12,8 @@ transaction as the ACK, counting works on classic queues and is
 exactly-once with the ACK.
 """
 
+import collections
+import threading
 import gocept.amqprun.message
 
 
@@ -77,8 +79,8 @@ class RetryPolicy:
             result.append((parked_queue(queue_name), None))
         return result
 
-    def decide(self, delivery, error):
-        """What to commit for a failed delivery.
+    def decide(self, delivery, error, park=False):
+        """What to commit for a failed delivery (`park`: no more retries).
 
         Returns (description, publishes, reject) for `Slot.commit` with
         ack=delivery tag unless `reject` is given.
@@ -91,7 +93,7 @@ class RetryPolicy:
         if EXPIRATION in headers:
             header.expiration = headers.pop(EXPIRATION)
         queue = delivery.queue
-        if tries <= self.retries:
+        if tries <= self.retries and not park:
             if self.delay:
                 if header.expiration is not None:
                     headers[EXPIRATION] = header.expiration
@@ -128,3 +130,34 @@ def _copy(header):
 def _describe(error):
     text = f'{error.__class__.__name__}: {error}'
     return text[:1000]
+
+
+class Refusals:
+    """Counts, per message, commits the broker refused by closing the
+    channel (e.g. a reply to an exchange that does not exist).
+
+    Such a failure takes the channel with it, so the retry count cannot be
+    committed with the message; the broker redelivers it. This in-memory
+    count (per process, thread-safe, bounded) lets the worker park such a
+    message after the policy's retries instead of looping.
+    """
+
+    def __init__(self, size=10000):
+        self.size = size
+        self._counts = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, key):
+        with self._lock:
+            self._counts[key] = self._counts.pop(key, 0) + 1
+            while len(self._counts) > self.size:
+                self._counts.popitem(last=False)
+            return self._counts[key]
+
+    def count(self, key):
+        with self._lock:
+            return self._counts.get(key, 0)
+
+    def forget(self, key):
+        with self._lock:
+            self._counts.pop(key, None)

@@ -1,6 +1,7 @@
 """The Server: consumes the handlers' queues and sends transactionally."""
 
 import logging
+import time
 import transaction
 import zope.component
 import zope.interface
@@ -67,6 +68,7 @@ class Server:
         self.shutdown_timeout = shutdown_timeout
         self.retry_policy = (
             retry_policy or gocept.amqprun.retry.RetryPolicy())
+        self.refusals = gocept.amqprun.retry.Refusals()
         self.handlers = collect_handlers() if setup_handlers else {}
         queues = []
         for h in self.handlers.values():
@@ -114,19 +116,23 @@ class Server:
             return
         self._stopped = True
         log.info('Stopping: cancelling consumers.')
-        self.connection.cancel_consumers()
+        self.connection.cancel_consumers(timeout=5)
         self._stop_workers(self.shutdown_timeout)
         self.connection.close()
-        self.connection.wait_until_stopped(self.shutdown_timeout)
+        # A broker that does not answer must not hold up the exit.
+        self.connection.wait_until_stopped(5)
         log.info('Stopped.')
 
     def _stop_workers(self, timeout):
+        """Tell all workers to stop; wait for them up to `timeout` seconds
+        in all."""
         for worker in self.workers:
             worker.stopping = True
             worker.inbox.put(None)
+        deadline = time.monotonic() + timeout
         for worker in self.workers:
             if worker.is_alive() and worker.ident is not None:
-                worker.join(timeout)
+                worker.join(max(0, deadline - time.monotonic()))
                 if worker.is_alive() and timeout:
                     log.warning('%s did not finish within %s s; its message '
                                 'returns to the queue.', worker.name, timeout)

@@ -6,6 +6,7 @@ ACK -- is an AMQP transaction of its own, concurrent with the other
 workers' commits. Workers never touch pika: they call `Slot.commit`.
 """
 
+import hashlib
 import logging
 import queue
 import threading
@@ -18,6 +19,10 @@ import gocept.amqprun.session
 
 
 log = logging.getLogger(__name__)
+
+
+class BrokerRefused(Exception):
+    """The broker refused every commit of a message's handling."""
 
 
 class Worker(threading.Thread):
@@ -58,6 +63,15 @@ class Worker(threading.Thread):
             delivery.header, delivery.body, delivery.delivery_tag,
             routing_key=gocept.amqprun.retry.original_routing_key(delivery))
         message_id = message.header.message_id
+        refusals = self.server.refusals
+        key = message_id or hashlib.sha1(delivery.body).hexdigest()
+        refused = refusals.count(key)
+        if refused > self.server.retry_policy.retries:
+            self.failed(delivery, message_id, BrokerRefused(
+                f'the broker refused {refused} commit(s) of its handling'),
+                park=True)
+            refusals.forget(key)
+            return
         manager = transaction.manager
         txn = manager.begin()
         session = gocept.amqprun.session.Session.join(
@@ -72,16 +86,21 @@ class Worker(threading.Thread):
             log.exception('Handling message %s from queue %r failed',
                           message_id, delivery.queue)
             manager.abort()
+            if isinstance(error, gocept.amqprun.connection.ChannelLost) \
+                    and error.refused:
+                refusals.add(key)
             self.failed(delivery, message_id, error)
         else:
+            if refused:
+                refusals.forget(key)
             log.debug('Handled message %s from queue %r',
                       message_id, delivery.queue)
 
-    def failed(self, delivery, message_id, error):
+    def failed(self, delivery, message_id, error, park=False):
         """Settle a failed delivery as the server's RetryPolicy says: ACK it
         and republish it for a retry or park it, in one AMQP transaction."""
         description, publishes, reject = self.server.retry_policy.decide(
-            delivery, error)
+            delivery, error, park=park)
         try:
             delivery.slot.commit(
                 delivery.epoch, publishes,

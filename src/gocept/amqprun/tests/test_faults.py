@@ -495,11 +495,6 @@ def fatal_error(text):
     return lines[-1]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'connection._describe() prints only the class name of pika\'s '
-    'AMQPConnectionError / AMQPConnectionWorkflowFailed (their str() is '
-    'empty); the cause (ECONNREFUSED, certificate verify failed) is only '
-    'in pika\'s own log lines, and gone when the pika logger is quieted'))
 @pytest.mark.parametrize('case', ['unreachable', 'wrong CA'])
 def test_start_up_error_names_the_cause(
         case, echo, request, certificates):
@@ -572,10 +567,6 @@ def test_sigterm_while_the_broker_is_unreachable_does_not_hang(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    'server.Server._stop_workers joins the workers one after the other, '
-    'each with the full shutdown timeout: with 3 stuck handlers and '
-    'shutdown-timeout 2 the daemon takes ~6 s to exit'))
 def test_sigterm_returns_handlers_running_past_the_shutdown_timeout(echo):
     e = echo(amount=3, sleep=60, worker_extra='  shutdown-timeout 2\n')
     process = e.process()
@@ -609,13 +600,6 @@ def echo(message):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    'A reply the broker refuses (404 no exchange) closes the channel, so '
-    'the commit fails with ChannelLost; worker.Worker.failed then cannot '
-    'commit the retry count (stale epoch) and the broker redelivers the '
-    'input: an endless redelivery loop (each try a reconnect of the whole '
-    'connection), never parked; the other messages crawl (18 of 20 in '
-    '20 s with 2 workers)'))
 def test_reply_the_broker_refuses_is_parked_not_looping(echo):
     """A poison message of another kind: its reply is refused by the
     broker. It must be parked after the configured tries while the other

@@ -67,7 +67,7 @@ def test_failure_then_success_is_retried_with_delay(
     assert amqp_client.get(out) is None
     assert f'Handling message {msgid} from queue' in caplog.text
     assert 'RuntimeError: failure 1' in caplog.text
-    assert 'retry 1 of 3 in 0.1 s' in caplog.text
+    wait_for(lambda: 'retry 1 of 3 in 0.1 s' in caplog.text)
 
 
 def test_poison_message_is_parked_while_others_pass(
@@ -97,9 +97,11 @@ def test_poison_message_is_parked_while_others_pass(
     assert parked.header.headers['x-amqprun-queue'] == f'{name_prefix}.in'
     assert len(poison_tries) == 3
     assert amqp_client.count(f'{name_prefix}.in') == 0
-    assert (f"Message {poison_id} from queue '{name_prefix}.in': parked "
-            f"after 3 failure(s) in queue '{name_prefix}.in.parked'"
-            in caplog.text)
+    # The worker logs after its commit returned: the client may be first.
+    wait_for(lambda: (
+        f"Message {poison_id} from queue '{name_prefix}.in': parked "
+        f"after 3 failure(s) in queue '{name_prefix}.in.parked'"
+        in caplog.text))
 
 
 def test_parking_with_error_routing_key(start, amqp_client, name_prefix):
