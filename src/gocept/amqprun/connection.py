@@ -710,7 +710,8 @@ class Connection:
                for s in self.consumer_slots):
             if not self._ready.is_set():
                 log.info('Consuming from %d queue(s) on %d channel(s)',
-                         len(self.queues), len(self.consumer_slots))
+                         len([q for q in self.queues if q.consume]),
+                         len(self.consumer_slots))
             self._set_ready()
 
     def _all_slots(self):
