@@ -107,8 +107,9 @@ class Worker(threading.Thread):
                 ack=None if reject else delivery.delivery_tag,
                 reject=reject)
         except gocept.amqprun.connection.AMQPError as e:
-            log.warning('Message %s could not be %s (%s); the broker '
-                        'redelivers it.', message_id, description, e)
+            log.warning('Message %s from queue %r: could not commit its '
+                        '%s (%s); the broker redelivers it.', message_id,
+                        delivery.queue, description, e)
         else:
             (log.error if 'retry' not in description else log.warning)(
                 'Message %s from queue %r: %s.', message_id, delivery.queue,
