@@ -216,7 +216,8 @@ class FileDataManager:
     files: {absolute path: bytes}, renamed into place in that order.
     In `commit` every file is written (and fsynced) to a hidden temporary
     name beside its target; `tpc_finish` renames them into place;
-    `abort`/`tpc_abort` remove the temporary files. Sorting before the
+    `abort`/`tpc_abort` remove the temporary files (except after a failed
+    rename in `tpc_finish`: they are kept and logged). Sorting before the
     AMQP session means `tpc_finish` runs only after the broker committed.
     """
 
@@ -224,6 +225,7 @@ class FileDataManager:
         self.directory = directory
         self.files = files
         self.temporary = {}   # target path -> temporary path
+        self.finishing = False
         self.transaction_manager = transaction.manager
 
     def abort(self, txn):
@@ -252,11 +254,20 @@ class FileDataManager:
         pass
 
     def tpc_finish(self, txn):
+        self.finishing = True
         for path, temporary in list(self.temporary.items()):
             os.replace(temporary, path)
             del self.temporary[path]
 
     def tpc_abort(self, txn):
+        if self.finishing and self.temporary:
+            # The broker has the ACK already: keep the data for recovery.
+            log.critical('Message ACKed but not stored; its data is kept '
+                         'in %s', ', '.join(
+                             f'{t} (for {p})'
+                             for p, t in self.temporary.items()))
+            self.temporary = {}
+            return
         self._remove_temporary()
 
     def _remove_temporary(self):

@@ -186,6 +186,19 @@ def test_abort_twice_and_tpc_abort_without_tpc_begin(tmp_path):
     assert files(tmp_path) == []
 
 
+def test_failed_rename_keeps_the_data_for_recovery(tmp_path):
+    target = tmp_path / 'f'
+    target.mkdir()   # a directory in the way: the rename fails
+    dm = writefiles.FileDataManager(str(tmp_path), {str(target): b'data'})
+    txn = transaction.manager.begin()
+    txn.join(dm)
+    with pytest.raises(OSError):
+        transaction.manager.commit()
+    transaction.manager.abort()
+    [kept] = [name for name in files(tmp_path) if name.endswith('.tmp')]
+    assert (tmp_path / kept).read_bytes() == b'data'
+
+
 def test_handler_notifies_message_stored_inside_the_transaction(
         zca, tmp_path):
     events = []
