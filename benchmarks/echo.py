@@ -14,10 +14,14 @@ Variants (interleaved, ROUNDS times; medians are printed):
            ZCML-registered echo handler, K worker threads
   raw-a    pika: publish + ack + tx_commit per message, one channel
   raw-b    the same with K connections in K threads committing concurrently
-  raw-c    pika: publish + ack, no transaction, one channel
+  raw-c    pika: publish + ack, no transaction, one channel (an
+           asynchronous SelectConnection client, prefetch 100)
   raw-d    (only if asked for) K connections in K threads with publisher
            confirms: publish, wait for its confirm, then ack -- what the
            opt-in confirm mode would do, K confirms outstanding
+  raw-e    (only if asked for) one channel, publisher confirms handled
+           asynchronously: publish at once, ack each delivery when its
+           reply is confirmed (up to the raw-c prefetch outstanding)
 
 Every consumer is a process of its own, so its CPU time (utime + stime) and
 peak RSS (VmHWM) come from /proc/<pid>; the broker's CPU comes from the
@@ -63,6 +67,20 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def thread_cpu_seconds(pid):
+    """{tid: utime + stime in seconds} of `pid`'s threads."""
+    result = {}
+    try:
+        tids = os.listdir(f'/proc/{pid}/task')
+    except OSError:
+        return result
+    for tid in tids:
+        seconds = cpu_seconds(f'{pid}/task/{tid}')
+        if seconds is not None:
+            result[tid] = seconds
+    return result
+
+
 def status_kb(pid, key):
     try:
         with open(f'/proc/{pid}/status') as f:
@@ -74,17 +92,50 @@ def status_kb(pid, key):
     return None
 
 
-def find_broker_pid():
+def _listening_inodes(port):
+    inodes = set()
+    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == '0A' and \
+                            int(fields[1].rsplit(':', 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        except OSError:
+            continue
+    return inodes
+
+
+def find_broker_pid(port=5672):
+    """The beam.smp process listening on `port` (several brokers may run
+    on this machine), or None."""
+    inodes = {f'socket:[{i}]' for i in _listening_inodes(port)}
+    for pid in _beam_pids():
+        try:
+            fds = os.listdir(f'/proc/{pid}/fd')
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f'/proc/{pid}/fd/{fd}') in inodes:
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+def _beam_pids():
     for entry in os.listdir('/proc'):
         if not entry.isdigit():
             continue
         try:
             with open(f'/proc/{entry}/comm') as f:
                 if f.read().strip() == 'beam.smp':
-                    return int(entry)
+                    yield int(entry)
         except OSError:
             continue
-    return None
 
 
 def load():
@@ -308,6 +359,9 @@ def raw_main(argv):
     params = pika.ConnectionParameters(
         host=host, port=int(port),
         credentials=pika.PlainCredentials('guest', 'guest'), heartbeat=0)
+    if mode in 'ce':
+        return raw_async(mode, params, input_queue, output_key, count,
+                         prefetch)
     lock = threading.Lock()
     done = [0]
     barrier = threading.Barrier(connections + 1)
@@ -344,14 +398,85 @@ def raw_main(argv):
             channel.cancel()
             # Unacked prefetched deliveries go back to the queue.
             connection.close()
+        finished.wait()    # keep the thread's CPU time in /proc
 
+    finished = threading.Event()
     threads = [threading.Thread(target=consume) for _ in range(connections)]
     for t in threads:
         t.start()
     barrier.wait()
     print('ready', flush=True)
+    # Stay alive (for /proc) until the benchmark closes our stdin.
+    sys.stdin.read()
+    finished.set()
     for t in threads:
         t.join()
+
+
+def raw_async(mode, params, input_queue, output_key, count, prefetch):
+    """Variants c and e on one SelectConnection channel (a lean client:
+    no blocking adapter in the way).
+
+    c: publish the reply and ACK the delivery at once, no transaction.
+    e: confirm mode; publish the reply at once and ACK the delivery when
+       the broker confirms the reply (up to `prefetch` outstanding)."""
+    import pika.spec
+    pending = {}    # publish sequence number -> delivery tag
+    state = dict(seq=0, done=0, channel=None)
+
+    def on_open(connection):
+        connection.channel(on_open_callback=on_channel)
+
+    def on_channel(channel):
+        state['channel'] = channel
+        if mode == 'c':
+            channel.basic_qos(prefetch_count=prefetch, callback=start)
+            return
+        channel.confirm_delivery(
+            ack_nack_callback=on_confirm,
+            callback=lambda frame: channel.basic_qos(
+                prefetch_count=prefetch, callback=start))
+
+    def start(frame):
+        state['channel'].basic_consume(
+            input_queue, on_message,
+            callback=lambda frame: print('ready', flush=True))
+
+    def on_message(channel, method, properties, body):
+        channel.basic_publish(
+            'amq.topic', output_key, body, pika.BasicProperties(
+                delivery_mode=2, content_type=properties.content_type,
+                correlation_id=properties.message_id))
+        if mode == 'c':
+            channel.basic_ack(method.delivery_tag)
+            state['done'] += 1
+            if state['done'] >= count:
+                connection.close()
+            return
+        state['seq'] += 1
+        pending[state['seq']] = method.delivery_tag
+
+    def on_confirm(frame):
+        method = frame.method
+        tag = method.delivery_tag
+        seqs = sorted(s for s in pending if s <= tag) \
+            if method.multiple else [tag]
+        channel = state['channel']
+        for seq in seqs:
+            delivery_tag = pending.pop(seq)
+            if isinstance(method, pika.spec.Basic.Ack):
+                channel.basic_ack(delivery_tag)
+            else:
+                channel.basic_nack(delivery_tag, requeue=True)
+            state['done'] += 1
+        if state['done'] >= count:
+            connection.close()
+
+    connection = pika.SelectConnection(
+        params, on_open_callback=on_open,
+        on_close_callback=lambda *a: connection.ioloop.stop())
+    connection.ioloop.start()
+    sys.stdin.read()
 
 
 class Raw:
@@ -361,12 +486,12 @@ class Raw:
             sys.executable, __file__, '_raw', mode, args.host,
             str(args.port), workload.input, workload.output_key,
             str(workload.count), str(connections),
-            str(args.raw_c_prefetch if mode == 'c' else args.raw_prefetch)]
+            str(args.raw_c_prefetch if mode in 'ce' else args.raw_prefetch)]
 
     def start(self):
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE)
+            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         return self
 
     @property
@@ -380,6 +505,7 @@ class Raw:
         return time.monotonic()
 
     def stop(self, timeout=60):
+        self.process.stdin.close()
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -406,6 +532,7 @@ def measure(consumer, workload, broker_pid, wait_ready, interval=0.02,
              '--output', py_spy], stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL)
     cpu0 = cpu_seconds(consumer.pid)
+    threads0 = thread_cpu_seconds(consumer.pid)
     bcpu0 = cpu_seconds(broker_pid) if broker_pid else None
     first = None
     deadline = t_ready + 120 + workload.count / 200
@@ -426,13 +553,20 @@ def measure(consumer, workload, broker_pid, wait_ready, interval=0.02,
         time.sleep(interval)
     t_end = time.monotonic()
     cpu1 = cpu_seconds(consumer.pid)
+    threads1 = thread_cpu_seconds(consumer.pid)
     bcpu1 = cpu_seconds(broker_pid) if broker_pid else None
     rss = status_kb(consumer.pid, 'VmHWM')
     consumer.stop()
     if spy is not None:
         spy.wait(30)
     elapsed = t_end - t_ready
+    # The busiest thread: the daemon's IO thread (its saturation caps the
+    # throughput), or the raw consumers' busiest connection thread.
+    busiest = max((threads1[tid] - threads0.get(tid, 0)
+                   for tid in threads1), default=None)
     result = dict(
+        busiest_pct=busiest * 100 / elapsed if busiest is not None
+        else None,
         rate=workload.count / elapsed,
         cpu_ms=(cpu1 - cpu0) * 1000 / workload.count
         if cpu0 is not None and cpu1 is not None else None,
@@ -554,13 +688,14 @@ def report(results, args):
     print(f'{args.messages} messages x {args.size} B, persistent; '
           f'K={args.workers}; {args.rounds} round(s); medians')
     print(f'{"variant":<10}{"msg/s":>9}{"min":>8}{"max":>8}'
-          f'{"cpu ms/msg":>12}{"broker ms/msg":>15}{"peak RSS MB":>13}'
-          f'{"load":>7}')
+          f'{"cpu ms/msg":>12}{"busiest thr":>13}{"broker ms/msg":>15}'
+          f'{"peak RSS MB":>13}{"load":>7}')
     for name in names:
         m = med[name]
         rates = [r['rate'] for r in results[name]]
         print(f'{name:<10}{m["rate"]:>9.0f}{min(rates):>8.0f}'
               f'{max(rates):>8.0f}{fmt(m["cpu_ms"], ".3f"):>12}'
+              f'{fmt(m["busiest_pct"], ".0f"):>12}%'
               f'{fmt(m["broker_ms"], ".3f"):>15}'
               f'{fmt(m["rss_mb"], ".1f"):>13}{m["load"]:>7.2f}')
     if 'daemon' in med:
@@ -599,7 +734,8 @@ def main(argv=None):
                         help='more lines for the daemon\'s <worker>')
     parser.add_argument(
         '--variants', default='daemon,raw-a,raw-b,raw-c',
-        help='comma-separated subset of daemon,raw-a,raw-b,raw-c,raw-d')
+        help='comma-separated subset of daemon,raw-a,raw-b,raw-c,raw-d,'
+        'raw-e')
     parser.add_argument('--no-extras', action='store_true',
                         help='skip the SIGTERM and backlog measurements')
     parser.add_argument('--backlog', type=int, default=200000,
@@ -612,7 +748,7 @@ def main(argv=None):
     global WORKDIR
     WORKDIR = tempfile.mkdtemp(prefix='amqprun-bench-')
 
-    broker_pid = find_broker_pid()
+    broker_pid = find_broker_pid(args.port)
     if broker_pid and cpu_seconds(broker_pid) is None:
         broker_pid = None
     import pika as _pika
@@ -633,6 +769,7 @@ def main(argv=None):
                 results[name].append(r)
                 print(f'round {round_ + 1} {name:<7} {r["rate"]:7.0f} msg/s'
                       f'  cpu {fmt(r["cpu_ms"], ".3f")} ms/msg'
+                      f' (busiest thread {fmt(r["busiest_pct"], ".0f")}%)'
                       f'  broker {fmt(r["broker_ms"], ".3f")} ms/msg'
                       f'  rss {fmt(r["rss_mb"], ".1f")} MB'
                       f'  load {r["load"]:.2f}', flush=True)
