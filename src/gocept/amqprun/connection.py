@@ -18,7 +18,9 @@ channel would close that channel; the broker has already requeued it).
 
 Every slot's channel is in transaction mode: what a `Slot.commit` publishes,
 ACKs and rejects reaches the broker in one AMQP transaction. Different
-slots commit concurrently.
+slots commit concurrently. In the opt-in confirm mode the channels use
+publisher confirms instead: a commit publishes, waits for the confirms and
+only then ACKs -- at-least-once, as a crash in between repeats publishes.
 """
 
 import concurrent.futures
@@ -30,6 +32,7 @@ import urllib.parse
 
 import pika
 import pika.exceptions
+import pika.spec
 from pika.adapters.select_connection import IOLoop
 from pika.adapters.utils.connection_workflow import (
     AMQPConnectionWorkflowFailed)
@@ -268,6 +271,9 @@ class Slot:
         self._waiting = []        # commits waiting for the channel to open
         self._consumer_tags = []
         self._opening = False
+        self._sequence = 0        # confirm mode: publishes on the channel
+        self._unconfirmed = set()
+        self._confirms = []       # (first, last, future, ack, reject)
 
     def __repr__(self):
         return f'<Slot {self.name} epoch={self.epoch}>'
@@ -326,6 +332,9 @@ class Slot:
             return
         if not future.set_running_or_notify_cancel():
             return
+        if self.connection.confirm:
+            self._commit_confirmed(future, channel, publishes, ack, reject)
+            return
         try:
             for exchange, routing_key, header, body in publishes:
                 channel.basic_publish(
@@ -342,6 +351,63 @@ class Slot:
                 self._pending.remove(future)
             future.set_exception(ChannelLost(f'{self}: {e}'))
 
+    def _commit_confirmed(self, future, channel, publishes, ack, reject):
+        """Confirm mode: publish, wait for the broker's confirms, then
+        ACK/reject (at-least-once: a crash in between repeats the
+        publishes)."""
+        try:
+            first = self._sequence + 1
+            for exchange, routing_key, header, body in publishes:
+                channel.basic_publish(
+                    exchange, routing_key, body, _properties_from(header))
+                self._sequence += 1
+                self._unconfirmed.add(self._sequence)
+            if not publishes:
+                self._settle(channel, ack, reject)
+                future.set_result(None)
+                return
+        except Exception as e:
+            future.set_exception(ChannelLost(f'{self}: {e}'))
+            return
+        self._pending.append(future)
+        self._confirms.append((first, self._sequence, future, ack, reject))
+
+    def _settle(self, channel, ack, reject):
+        if ack is not None:
+            channel.basic_ack(ack)
+        if reject is not None:
+            channel.basic_reject(reject[0], requeue=reject[1])
+
+    def _on_confirm(self, frame):
+        method = frame.method
+        if method.multiple:
+            confirmed = {n for n in self._unconfirmed
+                         if n <= method.delivery_tag}
+        else:
+            confirmed = {method.delivery_tag}
+        self._unconfirmed -= confirmed
+        nacked = confirmed if isinstance(
+            method, pika.spec.Basic.Nack) else set()
+        remaining = []
+        for entry in self._confirms:
+            first, last, future, ack, reject = entry
+            if any(first <= n <= last for n in nacked):
+                self._pending.remove(future)
+                future.set_exception(ChannelLost(
+                    f'{self}: the broker did not accept a publish '
+                    '(basic.nack)'))
+            elif any(first <= n <= last for n in self._unconfirmed):
+                remaining.append(entry)
+            else:
+                self._pending.remove(future)
+                try:
+                    self._settle(self._channel, ack, reject)
+                except Exception as e:
+                    future.set_exception(ChannelLost(f'{self}: {e}'))
+                else:
+                    future.set_result(None)
+        self._confirms = remaining
+
     def _committed(self, future, frame):
         if future in self._pending:
             self._pending.remove(future)
@@ -357,7 +423,14 @@ class Slot:
         self._channel = channel
         channel.add_on_close_callback(self._on_close)
         channel.add_on_cancel_callback(self._on_cancelled_by_broker)
-        channel.tx_select(callback=self._on_tx_select)
+        if self.connection.confirm:
+            self._sequence = 0
+            self._unconfirmed = set()
+            self._confirms = []
+            channel.confirm_delivery(
+                self._on_confirm, callback=self._on_tx_select)
+        else:
+            channel.tx_select(callback=self._on_tx_select)
 
     def _on_tx_select(self, frame):
         if self.on_delivery is None:
@@ -431,6 +504,8 @@ class Slot:
         self.epoch += 1
         self._channel = None
         self._consumer_tags = []
+        self._confirms = []
+        self._unconfirmed = set()
         pending, self._pending = self._pending, []
         refused = isinstance(reason, pika.exceptions.ChannelClosedByBroker)
         for future in pending:
@@ -466,11 +541,14 @@ class Connection:
         consumer slot `index`.
     on_ready: called in the IO thread each time the connection is up and
         all consumer slots consume; must not block.
+    confirm: commit with publisher confirms instead of AMQP transactions
+        (publish, wait for the confirms, then ACK): at-least-once.
     """
 
     def __init__(self, parameters, queues=(), consumers=0, prefetch=2,
-                 on_delivery=None, on_ready=None):
+                 on_delivery=None, on_ready=None, confirm=False):
         self.parameters = parameters
+        self.confirm = confirm
         self.on_ready = on_ready
         self.queues = list(queues)
         self.prefetch = prefetch

@@ -65,6 +65,10 @@ def load_config(path):
             f'{path}: section <worker>: key amount: must be at least 1')
     config.prefetch = prefetch
     worker = config.worker
+    if worker.commit_mode not in ('transaction', 'confirm'):
+        raise ConfigError(
+            f'{path}: section <worker>: key commit-mode: must be '
+            f'"transaction" or "confirm", not {worker.commit_mode!r}')
     try:
         config.retry_policy = gocept.amqprun.retry.RetryPolicy(
             retries=worker.retries, delay=worker.retry_delay,
@@ -158,6 +162,7 @@ def main(config_file=None):
             prefetch=config.prefetch,
             shutdown_timeout=config.worker.shutdown_timeout,
             retry_policy=config.retry_policy,
+            confirm=config.worker.commit_mode == 'confirm',
             on_ready=lambda: events.put(('ready', None)))
     except (ConfigError, gocept.amqprun.server.DuplicateQueueError,
             ValueError) as e:

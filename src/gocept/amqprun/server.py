@@ -57,13 +57,16 @@ class Server:
     shutdown_timeout: seconds `stop()` waits for running handlers.
     retry_policy: what happens to failed messages (`retry.RetryPolicy`;
         default: 3 retries 5 s apart, then ``<queue>.parked``).
+    confirm: commit with publisher confirms instead of AMQP transactions
+        (faster, at-least-once: a crash between the confirms and the ACK
+        repeats the replies).
     on_ready: called (in the IO thread; must not block) each time the
         connection is up and consuming.
     """
 
     def __init__(self, parameters, setup_handlers=True, workers=1,
                  prefetch=2, shutdown_timeout=30.0, on_ready=None,
-                 retry_policy=None):
+                 retry_policy=None, confirm=False):
         self.parameters = parameters
         self.shutdown_timeout = shutdown_timeout
         self.retry_policy = (
@@ -85,7 +88,7 @@ class Server:
             parameters, queues, consumers=len(self.workers),
             prefetch=prefetch,
             on_delivery=lambda i: self.workers[i].inbox.put,
-            on_ready=on_ready)
+            on_ready=on_ready, confirm=confirm)
         self._stopped = False
 
     @property

@@ -203,3 +203,47 @@ def test_prefetch_bounds_unacked_deliveries(start, amqp_client, name_prefix):
         wait_for(lambda: amqp_client.count(f'{name_prefix}.in') == 44)
     finally:
         release.set()
+
+
+def test_confirm_mode_replies_acks_and_retries(
+        start, amqp_client, name_prefix):
+    out = amqp_client.declare(f'{name_prefix}.out', [f'{name_prefix}.out'])
+    tries = []
+
+    def handle(message):
+        tries.append(message.body)
+        if message.body == b'flaky' and tries.count(b'flaky') == 1:
+            raise RuntimeError('first try')
+        return [reply(message, routing_key=f'{name_prefix}.out'),
+                reply(message, b'second', routing_key=f'{name_prefix}.out')]
+    server = start(handle, workers=2, confirm=True,
+                   retry_policy=RetryPolicy(retries=1, delay=0))
+    assert server.connection.confirm
+    for i in range(50):
+        amqp_client.send(f'{name_prefix}.in', b'%d' % i)
+    amqp_client.send(f'{name_prefix}.in', b'flaky')
+    replies = amqp_client.wait_many(out, 102)
+    assert sorted(r.body for r in replies if r.body != b'second') == sorted(
+        [b'%d' % i for i in range(50)] + [b'flaky'])
+    # Everything was ACKed (confirm mode ACKs after the confirms).
+    wait_for(lambda: amqp_client.count(f'{name_prefix}.in') == 0)
+    assert amqp_client.get(out) is None
+    assert tries.count(b'flaky') == 2
+
+
+def test_confirm_mode_send_outside_handler(
+        amqp_parameters, amqp_client, zca, name_prefix):
+    import transaction
+    out = amqp_client.declare(f'{name_prefix}.out', [f'{name_prefix}.out'])
+    server = gocept.amqprun.server.Server(
+        amqp_parameters, setup_handlers=False, confirm=True)
+    runner = gocept.amqprun.testing.ServerThread(server).start()
+    try:
+        for i in range(3):
+            server.send(Message({}, b'%d' % i,
+                                routing_key=f'{name_prefix}.out'))
+        transaction.commit()
+        assert [m.body for m in amqp_client.wait_many(out, 3)] == [
+            b'0', b'1', b'2']
+    finally:
+        runner.stop()
