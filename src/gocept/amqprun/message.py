@@ -16,18 +16,27 @@ PROPERTY_NAMES = (
 PERSISTENT = 2
 
 _counter = itertools.count()
-_hostname = None
+_origin = None
+
+
+def _reset_origin():
+    global _origin
+    _origin = None
+
+
+os.register_at_fork(after_in_child=_reset_origin)
 
 
 def make_message_id():
     """Return a new email-like message-id, unique across hosts,
-    processes and threads: ``<time.pid.counter.random@host>``."""
-    global _hostname
-    if _hostname is None:
-        _hostname = socket.getfqdn()
-    return '<{}.{}.{}.{}@{}>'.format(
-        time.time_ns(), os.getpid(), next(_counter),
-        os.urandom(4).hex(), _hostname)
+    processes and threads: ``<time.pid.random.counter@host>`` (pid, random
+    part and host fixed per process, the counter per message)."""
+    global _origin
+    if _origin is None:
+        _origin = (f'{os.getpid()}.{os.urandom(4).hex()}',
+                   socket.getfqdn())
+    process, host = _origin
+    return f'<{time.time_ns()}.{process}.{next(_counter)}@{host}>'
 
 
 class Header:

@@ -87,8 +87,12 @@ class Session:
                      for m in self.messages]
         delivery = self.delivery
         if delivery is not None:
-            delivery.slot.commit(
-                delivery.epoch, publishes, ack=delivery.delivery_tag)
+            slot = delivery.slot
+            # Confirm mode does not wait for the confirms (at-least-once:
+            # an input whose replies are not confirmed is not ACKed).
+            slot.commit(
+                delivery.epoch, publishes, ack=delivery.delivery_tag,
+                wait=not slot.connection.confirm)
         elif publishes:
             connection = self.server.connection
             slot = connection.acquire_sender()
