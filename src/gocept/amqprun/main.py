@@ -55,7 +55,10 @@ def load_config(path):
         raise ConfigError(
             f'{path}: section <amqp-server>: '
             'either hostname or url is required')
-    prefetch = config.worker.prefetch or server.prefetch or 2
+    # Confirm mode does not block a worker until its confirms are in, so
+    # its prefetch bounds the confirms in flight: it wants more.
+    default_prefetch = 20 if config.worker.commit_mode == 'confirm' else 2
+    prefetch = config.worker.prefetch or server.prefetch or default_prefetch
     if prefetch < 1:
         raise ConfigError(
             f'{path}: section <worker>/<amqp-server>: key prefetch: '
