@@ -57,16 +57,7 @@ def load(config_file):
     line. Logging is not set up (the check only prints).
     """
     config = gocept.amqprun.main.load_config(config_file)
-    settings = gocept.amqprun.settings.Settings()
-    if config.settings is not None:
-        settings.update(config.settings.mapping)
-    zope.component.provideUtility(
-        settings, gocept.amqprun.interfaces.ISettings)
-    zcml = config.worker.component_configuration
-    try:
-        zope.configuration.xmlconfig.file(zcml)
-    except zope.configuration.config.ConfigurationError as e:
-        raise gocept.amqprun.main.ConfigError(f'{zcml}: {e}') from None
+    gocept.amqprun.main.load_components(config)
     return config
 
 

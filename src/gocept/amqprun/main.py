@@ -130,6 +130,12 @@ def setup(config):
     config.eventlog()
     for logger in config.loggers:
         logger()
+    load_components(config)
+
+
+def load_components(config):
+    """Provide ISettings (from <settings>), then load the ZCML into the
+    global registry; raise ConfigError naming the ZCML file and line."""
     settings = gocept.amqprun.settings.Settings()
     if config.settings is not None:
         settings.update(config.settings.mapping)

@@ -2,7 +2,6 @@
 
 import gocept.amqprun.main
 import gocept.amqprun.testing
-import pathlib
 import pytest
 import signal
 import subprocess
@@ -13,7 +12,6 @@ HANDLERS = '''
 import gocept.amqprun.handler
 import gocept.amqprun.interfaces
 import gocept.amqprun.message
-import pathlib
 import zope.component
 import zope.security.management
 

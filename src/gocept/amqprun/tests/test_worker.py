@@ -4,7 +4,6 @@ import gocept.amqprun.message
 import gocept.amqprun.retry
 import gocept.amqprun.server
 import gocept.amqprun.testing
-import logging
 import pytest
 import threading
 import zope.security.management
