@@ -210,7 +210,14 @@ def run(server, events):
             if not started:
                 started = True
                 log.info('Started.')
-                zope.event.notify(gocept.amqprun.interfaces.ProcessStarted())
+                try:
+                    zope.event.notify(
+                        gocept.amqprun.interfaces.ProcessStarted())
+                except Exception:
+                    log.exception('A ProcessStarted subscriber failed; '
+                                  'stopping.')
+                    code = EXIT_RESTART
+                    break
         elif kind == 'signal':
             log.info('Received signal %s, shutting down.',
                      signal.Signals(value).name)
@@ -224,7 +231,11 @@ def run(server, events):
             code = EXIT_OK
             break
     if started:
-        zope.event.notify(gocept.amqprun.interfaces.ProcessStopping())
+        try:
+            zope.event.notify(gocept.amqprun.interfaces.ProcessStopping())
+        except Exception:
+            log.exception('A ProcessStopping subscriber failed.')
+            code = code or EXIT_RESTART
     server.stop()
     runner.join(server.shutdown_timeout)
     logging.shutdown()

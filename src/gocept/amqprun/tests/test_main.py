@@ -12,6 +12,7 @@ HANDLERS = '''
 import gocept.amqprun.handler
 import gocept.amqprun.interfaces
 import gocept.amqprun.message
+import pathlib
 import zope.component
 import zope.security.management
 
@@ -240,3 +241,21 @@ def test_unreachable_broker_exits_non_zero(server_process):
     assert 'Cannot connect to amqp://guest@' in log
     assert 'after 2 attempt(s)' in log
     assert 'guest@' in log and ':guest@' not in log
+
+
+def test_failing_start_subscriber_stops_with_exit_1(server_process):
+    handlers = '''
+import zope.component
+import gocept.amqprun.interfaces
+
+@zope.component.adapter(gocept.amqprun.interfaces.IProcessStarted)
+def broken(event):
+    raise RuntimeError('cannot start')
+'''
+    process = server_process(start=False, handlers=handlers, zcml='''
+  <subscriber handler="handlers.broken" />''')
+    process.start(wait=False)
+    assert process.wait() == 1
+    log = process.log_text()
+    assert 'A ProcessStarted subscriber failed; stopping.' in log
+    assert 'RuntimeError: cannot start' in log
