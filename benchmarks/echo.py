@@ -12,6 +12,9 @@ Variants (interleaved, ROUNDS times; medians are printed):
 
   daemon   `python -m gocept.amqprun server.conf`: the real main(), a
            ZCML-registered echo handler, K worker threads
+  daemon-confirm
+           the same with `commit-mode confirm` (publisher confirms
+           instead of transactions; that mode's default prefetch)
   raw-a    pika: publish + ack + tx_commit per message, one channel
   raw-b    the same with K connections in K threads committing concurrently
   raw-c    pika: publish + ack, no transaction, one channel (an
@@ -19,9 +22,9 @@ Variants (interleaved, ROUNDS times; medians are printed):
   raw-d    (only if asked for) K connections in K threads with publisher
            confirms: publish, wait for its confirm, then ack -- what the
            opt-in confirm mode would do, K confirms outstanding
-  raw-e    (only if asked for) one channel, publisher confirms handled
-           asynchronously: publish at once, ack each delivery when its
-           reply is confirmed (up to the raw-c prefetch outstanding)
+  raw-e    one channel, publisher confirms handled asynchronously:
+           publish at once, ack each delivery when its reply is confirmed
+           (up to the raw-c prefetch outstanding)
 
 Every consumer is a process of its own, so its CPU time (utime + stime) and
 peak RSS (VmHWM) come from /proc/<pid>; the broker's CPU comes from the
@@ -41,7 +44,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 import uuid
@@ -285,7 +287,8 @@ def echo(message):
 class Daemon:
     """The real daemon in a subprocess, with an echo handler."""
 
-    def __init__(self, workload, args, sleep=0.0, directory=None):
+    def __init__(self, workload, args, sleep=0.0, directory=None,
+                 confirm=False):
         self.dir = pathlib.Path(directory or tempfile.mkdtemp(
             prefix='daemon-', dir=WORKDIR))
         module = 'bench_' + uuid.uuid4().hex[:8]
@@ -296,11 +299,14 @@ class Daemon:
         (self.dir / 'server.zcml').write_text(
             DAEMON_ZCML.format(module=module))
         self.log = self.dir / 'server.log'
-        prefetch = f'  prefetch {args.prefetch}\n' if args.prefetch else ''
+        prefetch = args.confirm_prefetch if confirm else args.prefetch
+        worker_extra = f'  prefetch {prefetch}\n' if prefetch else ''
+        if confirm:
+            worker_extra += '  commit-mode confirm\n'
         (self.dir / 'server.conf').write_text(DAEMON_CONF.format(
             log=self.log, host=args.host, port=args.port,
             workers=args.workers, zcml=self.dir / 'server.zcml',
-            server_extra='', worker_extra=prefetch + args.worker_extra))
+            server_extra='', worker_extra=worker_extra + args.worker_extra))
         self.process = None
 
     def start(self, wrapper=()):
@@ -580,15 +586,17 @@ def measure(consumer, workload, broker_pid, wait_ready, interval=0.02,
     return result
 
 
-def run_daemon(broker, args, broker_pid, round_=0):
+def run_daemon(broker, args, broker_pid, round_=0, confirm=False):
     workload = Workload(broker, args.messages, args.size)
-    daemon = Daemon(workload, args)
+    daemon = Daemon(workload, args, confirm=confirm)
+    spy = None
+    if args.py_spy:
+        spy = f'{args.py_spy}{"-confirm" if confirm else ""}-{round_ + 1}.txt'
     try:
         return measure(
             daemon, workload, broker_pid,
             lambda d: d.wait_for_log('gocept.amqprun.main Started.'),
-            py_spy=f'{args.py_spy}-{round_ + 1}.txt' if args.py_spy
-            else None)
+            py_spy=spy)
     finally:
         if daemon.process and daemon.process.poll() is None:
             daemon.stop()
@@ -687,27 +695,42 @@ def report(results, args):
     print()
     print(f'{args.messages} messages x {args.size} B, persistent; '
           f'K={args.workers}; {args.rounds} round(s); medians')
-    print(f'{"variant":<10}{"msg/s":>9}{"min":>8}{"max":>8}'
+    print(f'{"variant":<15}{"msg/s":>9}{"min":>8}{"max":>8}'
           f'{"cpu ms/msg":>12}{"busiest thr":>13}{"broker ms/msg":>15}'
           f'{"peak RSS MB":>13}{"load":>7}')
     for name in names:
         m = med[name]
         rates = [r['rate'] for r in results[name]]
-        print(f'{name:<10}{m["rate"]:>9.0f}{min(rates):>8.0f}'
+        print(f'{name:<15}{m["rate"]:>9.0f}{min(rates):>8.0f}'
               f'{max(rates):>8.0f}{fmt(m["cpu_ms"], ".3f"):>12}'
               f'{fmt(m["busiest_pct"], ".0f"):>12}%'
               f'{fmt(m["broker_ms"], ".3f"):>15}'
               f'{fmt(m["rss_mb"], ".1f"):>13}{m["load"]:>7.2f}')
-    if 'daemon' in med:
-        d = med['daemon']['rate']
+    daemons = [name for name in names if name in DAEMONS]
+    raws = [name for name in names if name not in DAEMONS]
+    for daemon in daemons:
+        d = med[daemon]['rate']
         print()
-        for name in names:
-            if name != 'daemon':
-                print(f'daemon / {name:<7} = {d / med[name]["rate"]:.2f}')
-        print()
-        print(f'daemon start to consuming ("Started." logged): '
-              f'{med["daemon"]["start"]:.2f} s; to first reply: '
-              f'{med["daemon"]["first_reply"]:.2f} s (medians)')
+        for name in raws:
+            ratio = d / med[name]['rate']
+            target = TARGETS.get((daemon, name))
+            note = ''
+            if target is not None:
+                met = 'met' if ratio >= target else 'MISSED'
+                note = f'  (target >= {target}: {met})'
+            print(f'{daemon} / {name:<5} = {ratio:.2f}{note}')
+    for daemon in daemons:
+        if daemon == daemons[0]:
+            print()
+        print(f'{daemon} start to consuming ("Started." logged): '
+              f'{med[daemon]["start"]:.2f} s; to first reply: '
+              f'{med[daemon]["first_reply"]:.2f} s (medians)')
+
+
+DAEMONS = ('daemon', 'daemon-confirm')
+# The issue's targets: the daemon's rate relative to a raw reference.
+TARGETS = {('daemon', 'raw-a'): 2, ('daemon', 'raw-b'): 0.9,
+           ('daemon-confirm', 'raw-c'): 0.6}
 
 
 def main(argv=None):
@@ -723,6 +746,9 @@ def main(argv=None):
     parser.add_argument('--port', type=int, default=5672)
     parser.add_argument('--prefetch', type=int, default=None,
                         help='the daemon\'s prefetch (default: its own)')
+    parser.add_argument('--confirm-prefetch', type=int, default=None,
+                        help='daemon-confirm\'s prefetch (default: the '
+                        'confirm mode\'s own)')
     parser.add_argument('--raw-prefetch', type=int, default=2,
                         help='prefetch of the raw tx consumers (a, b)')
     parser.add_argument('--raw-c-prefetch', type=int, default=100,
@@ -733,9 +759,9 @@ def main(argv=None):
     parser.add_argument('--worker-extra', default='',
                         help='more lines for the daemon\'s <worker>')
     parser.add_argument(
-        '--variants', default='daemon,raw-a,raw-b,raw-c',
-        help='comma-separated subset of daemon,raw-a,raw-b,raw-c,raw-d,'
-        'raw-e')
+        '--variants', default='daemon,daemon-confirm,raw-a,raw-b,raw-c,raw-e',
+        help='comma-separated subset of daemon,daemon-confirm,raw-a,raw-b,'
+        'raw-c,raw-d,raw-e')
     parser.add_argument('--no-extras', action='store_true',
                         help='skip the SIGTERM and backlog measurements')
     parser.add_argument('--backlog', type=int, default=200000,
@@ -758,16 +784,21 @@ def main(argv=None):
     print('load average before: %.2f %.2f %.2f' % load())
     broker = Broker(args.host, args.port)
     variants = args.variants.split(',')
+    known = DAEMONS + ('raw-a', 'raw-b', 'raw-c', 'raw-d', 'raw-e')
+    unknown = [name for name in variants if name not in known]
+    if unknown:
+        parser.error(f'unknown variant(s): {", ".join(unknown)}')
     results = {name: [] for name in variants}
     try:
         for round_ in range(args.rounds):
             for name in variants:
-                if name == 'daemon':
-                    r = run_daemon(broker, args, broker_pid, round_)
+                if name in DAEMONS:
+                    r = run_daemon(broker, args, broker_pid, round_,
+                                   confirm=name == 'daemon-confirm')
                 else:
                     r = run_raw(name.split('-')[1], broker, args, broker_pid)
                 results[name].append(r)
-                print(f'round {round_ + 1} {name:<7} {r["rate"]:7.0f} msg/s'
+                print(f'round {round_ + 1} {name:<14} {r["rate"]:7.0f} msg/s'
                       f'  cpu {fmt(r["cpu_ms"], ".3f")} ms/msg'
                       f' (busiest thread {fmt(r["busiest_pct"], ".0f")}%)'
                       f'  broker {fmt(r["broker_ms"], ".3f")} ms/msg'
