@@ -771,6 +771,11 @@ def main(argv=None):
     parser.add_argument('--keep', action='store_true',
                         help='keep the daemons\' directories (config, log)')
     args = parser.parse_args(argv)
+    variants = args.variants.split(',')
+    known = DAEMONS + ('raw-a', 'raw-b', 'raw-c', 'raw-d', 'raw-e')
+    unknown = [name for name in variants if name not in known]
+    if unknown:
+        parser.error(f'unknown variant(s): {", ".join(unknown)}')
     global WORKDIR
     WORKDIR = tempfile.mkdtemp(prefix='amqprun-bench-')
 
@@ -783,11 +788,6 @@ def main(argv=None):
           f'pika {_pika.__version__}  broker pid {broker_pid or "unreadable"}')
     print('load average before: %.2f %.2f %.2f' % load())
     broker = Broker(args.host, args.port)
-    variants = args.variants.split(',')
-    known = DAEMONS + ('raw-a', 'raw-b', 'raw-c', 'raw-d', 'raw-e')
-    unknown = [name for name in variants if name not in known]
-    if unknown:
-        parser.error(f'unknown variant(s): {", ".join(unknown)}')
     results = {name: [] for name in variants}
     try:
         for round_ in range(args.rounds):
