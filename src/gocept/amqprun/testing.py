@@ -33,6 +33,7 @@ import uuid
 
 import pika
 import pytest
+import transaction
 
 import gocept.amqprun.connection
 import gocept.amqprun.message
@@ -413,6 +414,28 @@ class ServerThread:
         self.thread.join(30)
 
 
+class LastVote:
+    """A stand-in for the AMQP session in unit tests of data managers:
+    sorts like it (votes last) and calls `vote()` in tpc_vote, which may
+    raise to simulate a failed AMQP commit."""
+
+    transaction_manager = transaction.manager
+
+    def __init__(self, vote):
+        self.vote = vote
+
+    def sortKey(self):
+        return f'~gocept.amqprun.session:test{id(self)}'
+
+    def abort(self, txn):
+        pass
+
+    tpc_begin = commit = tpc_finish = tpc_abort = abort
+
+    def tpc_vote(self, txn):
+        self.vote()
+
+
 def unique_name(prefix='test'):
     return f'{prefix}.{uuid.uuid4().hex[:12]}'
 
@@ -586,10 +609,23 @@ class Proxy:
         with self._lock:
             return len(self._peer) // 2
 
+    @classmethod
+    def to(cls, parameters, port=None):
+        """A proxy to the broker of `parameters` whose `parameters()` keep
+        their username, password and virtual host."""
+        proxy = cls(parameters.port or 5672, parameters.hostname, port=port)
+        proxy.credentials = dict(
+            username=parameters.username, password=parameters.password,
+            virtual_host=parameters.virtual_host)
+        return proxy
+
+    credentials = {}
+
     def parameters(self, **kw):
         """connection.Parameters aimed at the proxy."""
         return gocept.amqprun.connection.Parameters(
-            hostname='127.0.0.1', port=self.port, **kw)
+            hostname='127.0.0.1', port=self.port,
+            **dict(self.credentials, **kw))
 
     def cut(self, timeout=10):
         """Reset all current connections; return their number."""

@@ -197,7 +197,7 @@ def echo(tmp_path, amqp_parameters, amqp_client, name_prefix):
 
 
 def test_proxy_forwards_and_cuts(amqp_parameters, amqp_client, name_prefix):
-    proxy = Proxy(amqp_parameters.port, amqp_parameters.hostname)
+    proxy = Proxy.to(amqp_parameters)
     try:
         client = Client(proxy.parameters())
         try:
@@ -246,7 +246,7 @@ def test_sigkill_mid_stream_then_restart_gives_one_reply_per_input(echo):
 @pytest.mark.slow
 def test_connection_cuts_mid_stream_give_one_reply_per_input(
         echo, amqp_parameters):
-    proxy = Proxy(amqp_parameters.port, amqp_parameters.hostname)
+    proxy = Proxy.to(amqp_parameters)
     try:
         e = echo(proxy.parameters(), amount=2, sleep=0.001,
                  server_extra='  retry_delay 0.1\n  max_retry_delay 0.5\n')
@@ -555,7 +555,7 @@ def test_sigterm_commits_running_handlers_rest_stays_queued(echo):
 @pytest.mark.slow
 def test_sigterm_while_the_broker_is_unreachable_does_not_hang(
         echo, amqp_parameters):
-    proxy = Proxy(amqp_parameters.port, amqp_parameters.hostname)
+    proxy = Proxy.to(amqp_parameters)
     e = echo(proxy.parameters(), amount=1,
              server_extra='  retry_delay 0.2\n  max_retry_delay 0.5\n')
     process = e.process()
@@ -632,7 +632,7 @@ def test_reply_the_broker_refuses_is_parked_not_looping(echo):
 def test_send_during_outage_waits_or_raises_never_loses(
         amqp_parameters, amqp_client, name_prefix, zca):
     out = amqp_client.declare(f'{name_prefix}.out', [f'{name_prefix}.out'])
-    proxy = Proxy(amqp_parameters.port, amqp_parameters.hostname)
+    proxy = Proxy.to(amqp_parameters)
     server = gocept.amqprun.server.Server(
         proxy.parameters(send_timeout=1.5, retry_delay=0.1,
                          max_retry_delay=0.3),
@@ -661,8 +661,7 @@ def test_send_during_outage_waits_or_raises_never_loses(
             # Slot.commit reads the send timeout from the Parameters.
             server.parameters.send_timeout = 30
             future = pool.submit(send, b'after')
-            second = Proxy(amqp_parameters.port, amqp_parameters.hostname,
-                           port=proxy.port)
+            second = Proxy.to(amqp_parameters, port=proxy.port)
             future.result(timeout=40)
         assert amqp_client.wait(out).body == b'after'
         assert amqp_client.get(out) is None

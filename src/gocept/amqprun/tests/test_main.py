@@ -193,12 +193,17 @@ def test_config_error_names_file_and_line(tmp_path):
     assert 'line 5' in result.stderr
 
 
-def test_missing_zcml_file_is_named(tmp_path):
-    conf = tmp_path / 'server.conf'
+def write_config(directory, zcml):
+    """A minimal configuration naming `zcml` on its line 7."""
+    conf = directory / 'server.conf'
     conf.write_text('<eventlog>\n</eventlog>\n<amqp-server>\n'
                     '  hostname localhost\n</amqp-server>\n<worker>\n'
-                    '  component-configuration /nonexistent.zcml\n'
-                    '</worker>\n')
+                    f'  component-configuration {zcml}\n</worker>\n')
+    return conf
+
+
+def test_missing_zcml_file_is_named(tmp_path):
+    conf = write_config(tmp_path, '/nonexistent.zcml')
     result = run_main(str(conf))
     assert result.returncode == 2
     assert '/nonexistent.zcml' in result.stderr
@@ -211,10 +216,7 @@ def test_zcml_error_is_named(tmp_path):
                     '  <include package="gocept.amqprun" />\n'
                     '  <utility component="no.such.thing" name="x" />\n'
                     '</configure>\n')
-    conf = tmp_path / 'server.conf'
-    conf.write_text('<eventlog>\n</eventlog>\n<amqp-server>\n'
-                    '  hostname localhost\n</amqp-server>\n<worker>\n'
-                    f'  component-configuration {zcml}\n</worker>\n')
+    conf = write_config(tmp_path, zcml)
     result = run_main(str(conf))
     assert result.returncode == 2
     assert str(zcml) in result.stderr

@@ -32,23 +32,11 @@ class FakeSender:
         self.error = None
 
     def send(self, message):
-        sender = self
-
-        class Session:
-            transaction_manager = transaction.manager
-
-            def sortKey(self):
-                return '~gocept.amqprun.session:fake'
-
-            def abort(self, txn):
-                pass
-            tpc_begin = commit = tpc_finish = tpc_abort = abort
-
-            def tpc_vote(self, txn):
-                if sender.error is not None:
-                    raise sender.error
-                sender.sent.append(message)
-        transaction.get().join(Session())
+        def vote():
+            if self.error is not None:
+                raise self.error
+            self.sent.append(message)
+        transaction.get().join(gocept.amqprun.testing.LastVote(vote))
 
 
 @pytest.fixture
@@ -204,13 +192,8 @@ def test_broker_briefly_unreachable(
     sent exactly once when it is back."""
     maildir = tmp_path / 'in'
     queue = amqp_client.declare(f'{name_prefix}.q', [f'{name_prefix}.r'])
-    broker_port = amqp_parameters.port or 5672
-    proxy = gocept.amqprun.testing.Proxy(
-        broker_port, amqp_parameters.hostname)
-    parameters = proxy.parameters(
-        username=amqp_parameters.username,
-        password=amqp_parameters.password,
-        virtual_host=amqp_parameters.virtual_host)
+    proxy = gocept.amqprun.testing.Proxy.to(amqp_parameters)
+    parameters = proxy.parameters()
     process = gocept.amqprun.testing.ServerProcess(
         tmp_path / 'server', parameters,
         server_extra='  retry_delay 0.1\n  max_retry_delay 0.5\n'
@@ -230,8 +213,8 @@ def test_broker_briefly_unreachable(
             put(maildir, f'during-{i}', str(i).encode())
         process.wait_for_log('Could not send')
         assert names(maildir / 'new') == [f'during-{i}' for i in range(1, 6)]
-        proxy = gocept.amqprun.testing.Proxy(
-            broker_port, amqp_parameters.hostname, port=proxy.port)
+        proxy = gocept.amqprun.testing.Proxy.to(
+            amqp_parameters, port=proxy.port)
         received = amqp_client.wait_many(queue, 5)
         assert sorted(m.body for m in received) == [b'1', b'2', b'3', b'4',
                                                     b'5']

@@ -136,22 +136,11 @@ def test_parse_arguments():
 
 # The data manager (no broker)
 
-class FailingVote:
-    """A data manager that fails in tpc_vote and sorts like the AMQP
-    session (last)."""
-
-    transaction_manager = transaction.manager
-
-    def sortKey(self):
-        return '~gocept.amqprun.session:failing'
-
-    def abort(self, txn):
-        pass
-
-    tpc_begin = commit = tpc_finish = tpc_abort = abort
-
-    def tpc_vote(self, txn):
+def failing_vote():
+    """The AMQP session's stand-in, failing its commit."""
+    def vote():
         raise RuntimeError('AMQP commit failed')
+    return gocept.amqprun.testing.LastVote(vote)
 
 
 def test_data_manager_writes_on_commit(tmp_path):
@@ -165,7 +154,7 @@ def test_data_manager_writes_on_commit(tmp_path):
 
 def test_failed_vote_of_the_session_leaves_no_file(tmp_path):
     txn = transaction.manager.begin()
-    txn.join(FailingVote())
+    txn.join(failing_vote())
     txn.join(writefiles.FileDataManager(
         str(tmp_path), {str(tmp_path / 'f'): b'data',
                         str(tmp_path / 'f.header'): b'{}'}))
@@ -396,13 +385,8 @@ def test_failed_amqp_commit_leaves_no_file(
     out = tmp_path / 'out'
     queue = f'{name_prefix}.q'
     amqp_client.forget(queue)
-    broker_port = amqp_parameters.port or 5672
-    proxy = gocept.amqprun.testing.Proxy(
-        broker_port, amqp_parameters.hostname)
-    parameters = proxy.parameters(
-        username=amqp_parameters.username,
-        password=amqp_parameters.password,
-        virtual_host=amqp_parameters.virtual_host)
+    proxy = gocept.amqprun.testing.Proxy.to(amqp_parameters)
+    parameters = proxy.parameters()
     process = gocept.amqprun.testing.ServerProcess(
         tmp_path / 'server', parameters, amount=1,
         server_extra='  retry_delay 0.1\n  max_retry_delay 0.5\n',
@@ -432,8 +416,8 @@ def test_failed_amqp_commit_leaves_no_file(
         wait_for(lambda: (control / 'called-0').exists())
         proxy.stop()   # the broker is unreachable now
         process.wait_for_log('Connection to the broker lost')
-        proxy = gocept.amqprun.testing.Proxy(
-            broker_port, amqp_parameters.hostname, port=proxy.port)
+        proxy = gocept.amqprun.testing.Proxy.to(
+            amqp_parameters, port=proxy.port)
         (control / 'go').touch()
         process.wait_for_log(
             f"from queue '{queue}' failed")
