@@ -22,6 +22,7 @@ import zope.configuration.config
 import zope.configuration.xmlconfig
 
 import gocept.amqprun.connection
+import gocept.amqprun.handler
 import gocept.amqprun.interfaces
 import gocept.amqprun.main
 import gocept.amqprun.server
@@ -79,11 +80,6 @@ def duplicates(regs):
             if len(regs) > 1}
 
 
-def _routing_keys(handler):
-    keys = handler.routing_key
-    return [keys] if isinstance(keys, str) else list(keys)
-
-
 def check(config_file, connect=True, out=None):
     """Run the check, printing to `out`; return the exit code."""
     def say(text=''):
@@ -106,7 +102,8 @@ def check(config_file, connect=True, out=None):
         if reg.info:
             say(f'    registered: {reg.info}')
         say(f'    queue: {h.queue_name}')
-        say(f'    routing keys: {", ".join(_routing_keys(h)) or "-"}')
+        keys = gocept.amqprun.handler.routing_keys(h)
+        say(f'    routing keys: {", ".join(keys) or "-"}')
         say(f'    arguments: {h.arguments or "-"}')
         say(f'    principal: {h.principal or "-"}')
     for queue, regs_ in sorted(duplicates(regs).items()):

@@ -22,9 +22,7 @@ class Handler:
     @property
     def routing_keys(self):
         """The routing keys as a list."""
-        if isinstance(self.routing_key, str):
-            return [self.routing_key]
-        return list(self.routing_key)
+        return routing_keys(self)
 
     def __call__(self, message):
         return self.handler_function(message)
@@ -32,6 +30,13 @@ class Handler:
     def __repr__(self):
         return (f'<Handler {self.queue_name!r} '
                 f'routing_key={self.routing_key!r}>')
+
+
+def routing_keys(handler):
+    """The routing keys of any IHandler as a list (its `routing_key` is a
+    string or a list)."""
+    keys = handler.routing_key
+    return [keys] if isinstance(keys, str) else list(keys)
 
 
 def declare(queue_name, routing_key, arguments=None, principal=None):

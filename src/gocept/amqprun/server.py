@@ -6,6 +6,7 @@ import transaction
 import zope.component
 import zope.interface
 import gocept.amqprun.connection
+import gocept.amqprun.handler
 import gocept.amqprun.interfaces
 import gocept.amqprun.retry
 import gocept.amqprun.session
@@ -36,11 +37,6 @@ def collect_handlers():
         handlers[queue] = handler
         names[queue] = name
     return handlers
-
-
-def _routing_keys(handler):
-    keys = handler.routing_key
-    return [keys] if isinstance(keys, str) else list(keys)
 
 
 @zope.interface.implementer(
@@ -76,7 +72,8 @@ class Server:
         queues = []
         for h in self.handlers.values():
             queues.append(gocept.amqprun.connection.Queue(
-                h.queue_name, _routing_keys(h), h.arguments))
+                h.queue_name, gocept.amqprun.handler.routing_keys(h),
+                h.arguments))
             queues.extend(
                 gocept.amqprun.connection.Queue(
                     name, arguments=arguments, consume=False)
