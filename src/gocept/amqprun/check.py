@@ -18,20 +18,17 @@ import logging
 import sys
 
 import zope.component
-import zope.configuration.config
-import zope.configuration.xmlconfig
 
-import gocept.amqprun.connection
+from gocept.amqprun.interfaces import EXIT_CONFIG
+from gocept.amqprun.interfaces import EXIT_FAILURE
+from gocept.amqprun.interfaces import EXIT_OK
+import gocept.amqprun.config
+import gocept.amqprun.errors
 import gocept.amqprun.handler
+import gocept.amqprun.inspection
 import gocept.amqprun.interfaces
-import gocept.amqprun.main
 import gocept.amqprun.server
-import gocept.amqprun.settings
-
-
-EXIT_OK = 0
-EXIT_PROBLEMS = 1
-EXIT_CONFIG = 2
+import gocept.amqprun.topology
 
 
 class Registration:
@@ -54,11 +51,11 @@ def _where(info):
 def load(config_file):
     """Load the configuration and its ZCML into the global registry.
 
-    Returns the ZConfig object; raises main.ConfigError naming file and
+    Returns the ZConfig object; raises config.ConfigError naming file and
     line. Logging is not set up (the check only prints).
     """
-    config = gocept.amqprun.main.load_config(config_file)
-    gocept.amqprun.main.load_components(config)
+    config = gocept.amqprun.config.load_config(config_file)
+    gocept.amqprun.config.load_components(config)
     return config
 
 
@@ -87,7 +84,7 @@ def check(config_file, connect=True, out=None):
 
     try:
         config = load(config_file)
-    except gocept.amqprun.main.ConfigError as e:
+    except gocept.amqprun.config.ConfigError as e:
         say(f'ERROR: {e}')
         return EXIT_CONFIG
     problems = 0
@@ -114,13 +111,13 @@ def check(config_file, connect=True, out=None):
             say(f'    {reg.name} ({reg.info or "registered in Python"})')
     if problems:
         say(f'{problems} problem(s).')
-        return EXIT_PROBLEMS
-    parameters = gocept.amqprun.main.parameters_from(config)
+        return EXIT_FAILURE
+    parameters = gocept.amqprun.config.parameters_from(config)
     # The queues exactly as the daemon would declare them (handlers'
-    # queues and the retry policy's auxiliary queues); nothing connects.
-    server = gocept.amqprun.server.Server(
-        parameters, workers=1, retry_policy=config.retry_policy)
-    queues = server.connection.queues
+    # queues and the retry policy's auxiliary queues).
+    queues = gocept.amqprun.topology.queues_for(
+        gocept.amqprun.server.collect_handlers().values(),
+        config.retry_policy)
     if not connect:
         say('Broker not contacted (--no-connect).')
         say('OK.')
@@ -131,11 +128,11 @@ def check(config_file, connect=True, out=None):
     level = pika_log.level
     pika_log.setLevel(logging.CRITICAL)
     try:
-        states = gocept.amqprun.connection.inspect_queues(
+        states = gocept.amqprun.inspection.inspect_queues(
             parameters, queues)
-    except gocept.amqprun.connection.ConnectionFailed as e:
+    except gocept.amqprun.errors.ConnectionFailed as e:
         say(f'ERROR: {e}')
-        return EXIT_PROBLEMS
+        return EXIT_FAILURE
     finally:
         pika_log.setLevel(level)
     for state in states:
@@ -153,7 +150,7 @@ def check(config_file, connect=True, out=None):
                 f'arguments {state.queue.arguments or {}}: {state.detail}')
     if problems:
         say(f'{problems} problem(s).')
-        return EXIT_PROBLEMS
+        return EXIT_FAILURE
     say('OK.')
     return EXIT_OK
 

@@ -9,6 +9,13 @@ import zope.interface
 import zope.interface.common.mapping
 
 
+# Exit codes of the `server` command (and its `check`), the contract with
+# process supervisors (zdaemon, systemd): restart after 1, not after 0 or 2.
+EXIT_OK = 0
+EXIT_FAILURE = 1     # a failure at run time, SIGUSR1, or problems found
+EXIT_CONFIG = 2      # the configuration or the command line is wrong
+
+
 class IMessage(zope.interface.Interface):
     """An AMQP message, received or to be sent."""
 
@@ -26,6 +33,9 @@ class IMessage(zope.interface.Interface):
     delivery_tag = zope.interface.Attribute(
         'Received: the delivery tag (only meaningful to the daemon). '
         'To send: None.')
+    redelivered = zope.interface.Attribute(
+        'Received: True when the broker delivered it before (to this or '
+        'another consumer) without it being acknowledged. To send: False.')
 
 
 class IHandler(zope.interface.Interface):
@@ -95,6 +105,10 @@ class ILoop(zope.interface.Interface):
 
     def stop():
         """Stop the loop; thread-safe; returns when it has stopped."""
+
+    def fail(error):
+        """Stop the loop because of `error`, which `start()` then raises;
+        thread-safe; returns at once."""
 
 
 class ISettings(zope.interface.common.mapping.IEnumerableMapping):

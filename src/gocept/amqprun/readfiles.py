@@ -10,7 +10,6 @@ again at the next poll.
 
 import logging
 import os
-import signal
 import threading
 
 import gocept.filestore.filestore
@@ -19,7 +18,7 @@ import transaction.interfaces
 import zope.component
 import zope.interface
 
-import gocept.amqprun.connection
+import gocept.amqprun.errors
 import gocept.amqprun.interfaces
 import gocept.amqprun.message
 
@@ -33,9 +32,16 @@ class Vanished(Exception):
     """The file left ``new/`` before its transaction committed."""
 
 
-def stop_process():
-    """Make the daemon shut down with exit code 1 (its SIGUSR1 handler)."""
-    os.kill(os.getpid(), signal.SIGUSR1)
+def stop_sender(error):
+    """Stop the Server this process sends with -- the ISender utility, if
+    it is an ILoop -- because of `error`. The daemon then exits with 1; an
+    application embedding a Server sees its `start()` raise `error`."""
+    sender = zope.component.queryUtility(gocept.amqprun.interfaces.ISender)
+    if gocept.amqprun.interfaces.ILoop.providedBy(sender):
+        sender.fail(error)
+    else:
+        log.critical('No server to stop (the ISender utility %r is not an '
+                     'ILoop).', sender)
 
 
 class FileReader:
@@ -43,15 +49,15 @@ class FileReader:
 
     `start` and `stop` take an (ignored) event, so they can be subscribers
     of ProcessStarted and ProcessStopping. An unexpected error (a file
-    system error, say) is logged and calls `on_fatal` (default: stop the
-    process) instead of ending the thread silently.
+    system error, say) is logged and passed to `on_fatal` (default:
+    `stop_sender`) instead of ending the thread silently.
     """
 
     stop_timeout = 30
 
     def __init__(self, directory, routing_key,
                  content_type=DEFAULT_CONTENT_TYPE, interval=1.0,
-                 on_fatal=stop_process):
+                 on_fatal=stop_sender):
         self.directory = os.path.abspath(directory)
         self.routing_key = routing_key
         self.content_type = content_type
@@ -92,8 +98,8 @@ class FileReader:
                 self._stopping.wait(self.interval)
         except Exception as e:
             log.critical('Reading files from %s failed, stopping the '
-                         'process: %s', self.directory, e, exc_info=True)
-            self.on_fatal()
+                         'server: %s', self.directory, e, exc_info=True)
+            self.on_fatal(e)
 
     def poll(self):
         """Send the files in ``new/`` (by name), until the broker fails or
@@ -128,7 +134,7 @@ class FileReader:
         except Vanished:
             manager.abort()
             return True
-        except gocept.amqprun.connection.AMQPError as e:
+        except gocept.amqprun.errors.AMQPError as e:
             manager.abort()
             log.warning('Could not send %s, trying again later: %s',
                         path, e)

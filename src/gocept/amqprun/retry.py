@@ -105,7 +105,7 @@ class RetryPolicy:
                 target = ('', queue)
                 description = f'retry {tries} of {self.retries} now'
             return description, [target + (header, delivery.body)], None
-        headers[ERROR] = _describe(error)
+        headers[ERROR] = error_text(error)
         headers[QUEUE] = queue
         if self.error_routing_key:
             return (f'parked after {tries} failure(s) with routing key '
@@ -127,7 +127,9 @@ def _copy(header):
     return gocept.amqprun.message.Header(**data)
 
 
-def _describe(error):
+def error_text(error):
+    """The ``x-amqprun-error`` header of a parked message: the error's
+    class and text, at most 1000 characters."""
     text = f'{error.__class__.__name__}: {error}'
     return text[:1000]
 

@@ -1,19 +1,25 @@
 """The Server: consumes the handlers' queues and sends transactionally."""
 
 import logging
+import threading
 import time
 import transaction
 import zope.component
 import zope.interface
 import gocept.amqprun.connection
-import gocept.amqprun.handler
 import gocept.amqprun.interfaces
 import gocept.amqprun.retry
 import gocept.amqprun.session
+import gocept.amqprun.topology
 import gocept.amqprun.worker
 
 
 log = logging.getLogger(__name__)
+
+# Confirm mode does not block a worker until its confirms are in, so its
+# prefetch bounds the confirms in flight: it wants more.
+DEFAULT_PREFETCH = 2
+DEFAULT_CONFIRM_PREFETCH = 20
 
 
 class DuplicateQueueError(ValueError):
@@ -45,11 +51,12 @@ class Server:
     """Connects to the broker, consumes the handlers' queues with `workers`
     worker threads and sends messages on transaction commit.
 
-    parameters: `connection.Parameters`.
+    parameters: `parameters.Parameters`.
     setup_handlers: consume the registered IHandler utilities' queues
         (False: only send).
     workers: the number of worker threads (one channel each).
-    prefetch: unacked deliveries per worker and queue.
+    prefetch: unacked deliveries per worker and queue (default 2, in
+        confirm mode 20).
     shutdown_timeout: seconds `stop()` waits for running handlers.
     retry_policy: what happens to failed messages (`retry.RetryPolicy`;
         default: 3 retries 5 s apart, then ``<queue>.parked``).
@@ -61,7 +68,7 @@ class Server:
     """
 
     def __init__(self, parameters, setup_handlers=True, workers=1,
-                 prefetch=2, shutdown_timeout=30.0, on_ready=None,
+                 prefetch=None, shutdown_timeout=30.0, on_ready=None,
                  retry_policy=None, confirm=False):
         self.parameters = parameters
         self.shutdown_timeout = shutdown_timeout
@@ -69,16 +76,11 @@ class Server:
             retry_policy or gocept.amqprun.retry.RetryPolicy())
         self.refusals = gocept.amqprun.retry.Refusals()
         self.handlers = collect_handlers() if setup_handlers else {}
-        queues = []
-        for h in self.handlers.values():
-            queues.append(gocept.amqprun.connection.Queue(
-                h.queue_name, gocept.amqprun.handler.routing_keys(h),
-                h.arguments))
-            queues.extend(
-                gocept.amqprun.connection.Queue(
-                    name, arguments=arguments, consume=False)
-                for name, arguments in
-                self.retry_policy.auxiliary_queues(h.queue_name))
+        queues = gocept.amqprun.topology.queues_for(
+            self.handlers.values(), self.retry_policy)
+        if prefetch is None:
+            prefetch = (DEFAULT_CONFIRM_PREFETCH if confirm
+                        else DEFAULT_PREFETCH)
         self.workers = [gocept.amqprun.worker.Worker(self, i)
                         for i in range(workers if self.handlers else 0)]
         self.connection = gocept.amqprun.connection.Connection(
@@ -87,6 +89,7 @@ class Server:
             on_delivery=lambda i: self.workers[i].inbox.put,
             on_ready=on_ready, confirm=confirm)
         self._stopped = False
+        self._failure = None
 
     @property
     def running(self):
@@ -99,7 +102,8 @@ class Server:
     def start(self):
         """Run in the calling thread until `stop()`.
 
-        Raises connection.ConnectionFailed when the broker cannot be used.
+        Raises errors.ConnectionFailed when the broker cannot be used, and
+        the error given to `fail()` after that was called.
         """
         for worker in self.workers:
             worker.start()
@@ -107,6 +111,19 @@ class Server:
             self.connection.run()
         finally:
             self._stop_workers(timeout=0)
+        if self._failure is not None:
+            raise self._failure
+
+    def fail(self, error):
+        """Stop because of `error`, which `start()` then raises.
+
+        Thread-safe and returns at once (the stop runs in a thread of its
+        own), so a thread that `stop()` waits for may call it.
+        """
+        if self._failure is None:
+            self._failure = error
+        threading.Thread(target=self.stop, name='amqprun-fail',
+                         daemon=True).start()
 
     def stop(self):
         """Stop consuming, let running handlers finish and commit (up to

@@ -11,7 +11,7 @@ import logging
 import queue
 import threading
 import transaction
-import gocept.amqprun.connection
+import gocept.amqprun.errors
 import gocept.amqprun.message
 import gocept.amqprun.retry
 import gocept.amqprun.security
@@ -33,7 +33,6 @@ class Worker(threading.Thread):
         self.server = server
         self.inbox = queue.SimpleQueue()
         self.stopping = False
-        self.busy = False
 
     def run(self):
         while True:
@@ -48,20 +47,18 @@ class Worker(threading.Thread):
                 log.debug('Dropping delivery %s of a closed channel.',
                           delivery.delivery_tag)
                 continue
-            self.busy = True
             try:
                 self.handle(delivery)
             except Exception:
                 # handle() logs what it can; a worker never dies.
                 log.exception('Unexpected error in %s', self.name)
-            finally:
-                self.busy = False
 
     def handle(self, delivery):
         handler = self.server.handlers[delivery.queue]
         message = gocept.amqprun.message.Message(
             delivery.header, delivery.body, delivery.delivery_tag,
-            routing_key=gocept.amqprun.retry.original_routing_key(delivery))
+            routing_key=gocept.amqprun.retry.original_routing_key(delivery),
+            redelivered=delivery.redelivered)
         message_id = message.header.message_id
         refusals = self.server.refusals
         key = message_id or hashlib.sha1(delivery.body).hexdigest()
@@ -86,7 +83,7 @@ class Worker(threading.Thread):
             log.exception('Handling message %s from queue %r failed',
                           message_id, delivery.queue)
             manager.abort()
-            if isinstance(error, gocept.amqprun.connection.ChannelLost) \
+            if isinstance(error, gocept.amqprun.errors.ChannelLost) \
                     and error.refused:
                 refusals.add(key)
             self.failed(delivery, message_id, error)
@@ -106,7 +103,7 @@ class Worker(threading.Thread):
                 delivery.epoch, publishes,
                 ack=None if reject else delivery.delivery_tag,
                 reject=reject)
-        except gocept.amqprun.connection.AMQPError as e:
+        except gocept.amqprun.errors.AMQPError as e:
             log.warning('Message %s from queue %r: could not commit its '
                         '%s (%s); the broker redelivers it.', message_id,
                         delivery.queue, description, e)

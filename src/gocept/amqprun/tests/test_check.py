@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+import gocept.amqprun.parameters
 import gocept.amqprun.check
 import gocept.amqprun.connection
 import gocept.amqprun.testing
@@ -120,10 +121,11 @@ def test_reports_duplicate_queues_with_file_and_line(
 def test_configuration_error_names_file_and_line(
         configure, capsys, name_prefix):
     config = configure(name_prefix, FIRST, worker_extra='  bogus 1\n')
+    lines = config.read_text().splitlines()
+    number = lines.index('  bogus 1') + 1
     code, out = run_check(capsys, config)
     assert code == 2
-    assert str(config) in out
-    assert 'line' in out
+    assert f'{config}, line {number}, section <worker>, key bogus:' in out
 
 
 def test_zcml_error_names_file_and_line(configure, capsys, name_prefix):
@@ -137,7 +139,7 @@ def test_zcml_error_names_file_and_line(configure, capsys, name_prefix):
 
 
 def test_unreachable_broker_is_a_problem(configure, capsys, name_prefix):
-    params = gocept.amqprun.connection.Parameters(
+    params = gocept.amqprun.parameters.Parameters(
         hostname='127.0.0.1', port=gocept.amqprun.testing.free_port())
     config = configure(name_prefix, FIRST, parameters=params)
     code, out = run_check(capsys, config)

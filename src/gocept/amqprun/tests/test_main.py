@@ -1,6 +1,7 @@
 """End-to-end: the real `server` entry point in a subprocess."""
 
 import gocept.amqprun.main
+import gocept.amqprun.parameters
 import gocept.amqprun.testing
 import pytest
 import signal
@@ -231,12 +232,11 @@ def test_usage_error_without_config():
 
 
 def test_unreachable_broker_exits_non_zero(server_process):
+    nobody = gocept.amqprun.parameters.Parameters(
+        hostname='127.0.0.1', port=gocept.amqprun.testing.free_port())
     process = server_process(
-        start=False,
+        start=False, parameters=nobody,
         server_extra='  connection_attempts 2\n  retry_delay 0.1\n')
-    conf = process.config.read_text().replace(
-        'port 5672', f'port {gocept.amqprun.testing.free_port()}')
-    process.config.write_text(conf)
     process.start(wait=False)
     assert process.wait() == 1
     log = process.log_text()

@@ -9,6 +9,7 @@ import zope.configuration.config
 import zope.event
 import zope.interface
 
+import gocept.amqprun.errors
 import gocept.amqprun.connection
 import gocept.amqprun.interfaces
 import gocept.amqprun.readfiles as readfiles
@@ -50,7 +51,7 @@ def sender(zca):
 def reader(tmp_path):
     fatal = []
     reader = readfiles.FileReader(
-        str(tmp_path / 'in'), 'r.k', on_fatal=lambda: fatal.append(True))
+        str(tmp_path / 'in'), 'r.k', on_fatal=fatal.append)
     reader.fatal = fatal
     reader.store.prepare()
     return reader
@@ -78,7 +79,7 @@ def test_poll_sends_and_moves_files(sender, reader):
 
 
 def test_failed_commit_keeps_the_file_in_new(sender, reader):
-    sender.error = gocept.amqprun.connection.ConnectionUnavailable('down')
+    sender.error = gocept.amqprun.errors.ConnectionUnavailable('down')
     put(reader.directory, 'a', b'a')
     put(reader.directory, 'b', b'b')
     reader.poll()
@@ -182,7 +183,7 @@ def test_file_system_error_stops_the_process(
     wait_for(lambda: names(maildir) == ['cur', 'new', 'tmp'])
     os.rmdir(maildir / 'new')
     assert server.wait(30) == 1
-    assert (f'Reading files from {maildir} failed, stopping the process'
+    assert (f'Reading files from {maildir} failed, stopping the server'
             in server.log_text())
 
 

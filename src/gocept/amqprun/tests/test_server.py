@@ -2,6 +2,7 @@ import concurrent.futures
 import gocept.amqprun.handler
 import gocept.amqprun.interfaces
 import gocept.amqprun.message
+import gocept.amqprun.retry
 import gocept.amqprun.server
 import gocept.amqprun.testing
 import pytest
@@ -164,19 +165,27 @@ def test_send_inside_handler_joins_its_transaction(
     @gocept.amqprun.handler.declare(f'{name_prefix}.in', f'{name_prefix}.in')
     def handle(message):
         sender = zope.component.getUtility(gocept.amqprun.interfaces.ISender)
-        sender.send(Message({}, b'via sender',
+        sender.send(Message({}, b'via sender: ' + message.body,
                             routing_key=f'{name_prefix}.out'))
         calls.append(message.body)
         if message.body == b'fail':
             raise RuntimeError('handler failed')
     register(zca, handle)
     out = amqp_client.declare(f'{name_prefix}.out', [f'{name_prefix}.out'])
-    server = run_server()
+    amqp_client.forget(f'{name_prefix}.in.parked')
+    server = run_server(retry_policy=gocept.amqprun.retry.RetryPolicy(
+        retries=0))
     zca.registerUtility(server, gocept.amqprun.interfaces.ISender)
+    failing = amqp_client.send(f'{name_prefix}.in', b'fail')
+    parked = amqp_client.wait(f'{name_prefix}.in.parked')
+    assert parked.header.message_id == failing
     msgid = amqp_client.send(f'{name_prefix}.in', b'ok')
     reply = amqp_client.wait(out)
-    assert reply.body == b'via sender'
+    assert reply.body == b'via sender: ok'
     assert reply.header.correlation_id == msgid
+    # What the failing handler sent was aborted with its transaction.
+    assert amqp_client.get(out) is None
+    assert calls == [b'fail', b'ok']
 
 
 def test_two_servers_in_one_process(

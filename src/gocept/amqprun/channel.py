@@ -1,0 +1,403 @@
+"""Channels: the per-channel half of the thread boundary.
+
+The contract of the boundary is written in `connection`: only the IO
+thread touches pika. Here are the objects that cross it:
+
+- `Slot`: a logical channel that survives reconnects. `Slot.commit` is
+  thread-safe: it hands the work to the IO thread and waits for an
+  `Outcome`. Every other method of a Slot runs in the IO thread.
+- `Delivery`: a received message as a worker gets it, tied to the slot
+  and the epoch (the pika channel) it came on.
+- `Outcome`: the one-shot result the IO thread hands back.
+
+A slot's `epoch` counts the pika channels it has had. A delivery
+remembers the epoch it came with; settling it on a later epoch is refused
+locally with `ChannelLost` (acking an old delivery tag on a new channel
+would close that channel; the broker has already requeued it).
+
+Every slot's channel is in transaction mode: what a `Slot.commit`
+publishes, ACKs and rejects reaches the broker in one AMQP transaction.
+Different slots commit concurrently. In the opt-in confirm mode the
+channels use publisher confirms instead: a commit publishes, waits for the
+confirms and only then ACKs -- at-least-once, as a crash in between
+repeats publishes.
+"""
+
+import _thread
+import functools
+import logging
+
+import pika.exceptions
+import pika.spec
+
+from gocept.amqprun.errors import ChannelLost
+from gocept.amqprun.errors import ConnectionUnavailable
+import gocept.amqprun.errors
+import gocept.amqprun.properties
+
+
+log = logging.getLogger(__name__)
+
+
+class Outcome:
+    """The one-shot result of work handed to the IO thread.
+
+    Like a `concurrent.futures.Future` reduced to what a commit needs (on a
+    bare lock: a commit's hand-back is on the hot path).
+    """
+
+    __slots__ = ('_done', '_state', '_value', '_error', 'log_errors')
+    _guard = _thread.allocate_lock()
+    PENDING, RUNNING, CANCELLED, DONE = range(4)
+
+    def __init__(self):
+        self._done = _thread.allocate_lock()
+        self._done.acquire()
+        self._state = self.PENDING
+        self._value = self._error = None
+        self.log_errors = False     # nobody waits: log a failure
+
+    def set_running_or_notify_cancel(self):
+        """IO thread: False if the waiter gave up (then do nothing)."""
+        with self._guard:
+            if self._state == self.CANCELLED:
+                return False
+            self._state = self.RUNNING
+            return True
+
+    def cancel(self):
+        """Waiter: give up unless the IO thread started; True if so."""
+        with self._guard:
+            if self._state == self.PENDING:
+                self._state = self.CANCELLED
+            return self._state == self.CANCELLED
+
+    def set_result(self, value):
+        self._value = value
+        self._finish()
+
+    def set_exception(self, error):
+        self._error = error
+        if self.log_errors:
+            log.warning('A commit nobody waits for failed: %s', error)
+        self._finish()
+
+    def _finish(self):
+        if self._state != self.DONE:
+            self._state = self.DONE
+            self._done.release()
+
+    def result(self, timeout=None):
+        """Wait for the outcome; raise TimeoutError after `timeout`."""
+        if self._state != self.DONE:
+            if not self._done.acquire(
+                    timeout=-1 if timeout is None else timeout):
+                raise TimeoutError()
+            self._done.release()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class Delivery:
+    """A received message as the IO thread hands it to a worker."""
+
+    __slots__ = ('slot', 'epoch', 'delivery_tag', 'routing_key', 'exchange',
+                 'redelivered', 'header', 'body', 'queue')
+
+    def __init__(self, slot, epoch, delivery_tag, routing_key, exchange,
+                 redelivered, header, body, queue):
+        self.slot = slot
+        self.epoch = epoch
+        self.delivery_tag = delivery_tag
+        self.routing_key = routing_key
+        self.exchange = exchange
+        self.redelivered = redelivered
+        self.header = header
+        self.body = body
+        self.queue = queue
+
+    @property
+    def current(self):
+        """False once the channel it came on is gone (thread-safe)."""
+        return self.epoch == self.slot.epoch
+
+
+class Slot:
+    """A logical channel in transaction mode that survives reconnects.
+
+    Consumer slots consume from every queue of the connection and pass
+    deliveries to `on_delivery` (called in the IO thread; it must not
+    block). Sender slots only publish.
+    """
+
+    def __init__(self, connection, name, on_delivery=None):
+        self.connection = connection
+        self.name = name
+        self.on_delivery = on_delivery
+        self.epoch = 0
+        # IO thread only:
+        self.channel = None
+        self.opening = False
+        self.consumer_tags = []
+        self._pending = []        # outcomes awaiting Commit-Ok, in order
+        self._waiting = []        # commits waiting for the channel to open
+        self._sequence = 0        # confirm mode: publishes on the channel
+        self._unconfirmed = set()
+        self._confirms = []       # (first, last, outcome, ack, reject)
+
+    def __repr__(self):
+        return f'<Slot {self.name} epoch={self.epoch}>'
+
+    @property
+    def usable(self):
+        """IO thread: whether the slot has an open, ready channel."""
+        return (self.channel is not None and self.channel.is_open
+                and not self.opening)
+
+    # Thread-safe API
+
+    def commit(self, epoch=None, publishes=(), ack=None, reject=None,
+               timeout=None, wait=True):
+        """Publish, ACK and reject in one AMQP transaction; thread-safe.
+
+        epoch: the epoch of the delivery to ack/reject; None to use
+            whatever channel the slot has (waiting for one if necessary).
+        publishes: (exchange, routing_key, Header, body) tuples.
+        ack: a delivery tag to ACK.
+        reject: (delivery tag, requeue) to reject.
+
+        Returns when the broker confirmed the commit. Raises ChannelLost
+        when the channel went before that (or `epoch` is stale), and
+        ConnectionUnavailable when no channel came up within `timeout`
+        (default: the send_timeout parameter). With `wait=False` it returns
+        at once; the outcome is then only logged (confirm mode's handlers:
+        an input that is not ACKed is redelivered).
+        """
+        if epoch is not None and epoch != self.epoch:
+            raise ChannelLost(f'{self}: channel of epoch {epoch} is gone')
+        if timeout is None:
+            timeout = self.connection.parameters.send_timeout
+        outcome = Outcome()
+        outcome.log_errors = not wait
+        self.connection.call(
+            self._commit, outcome, epoch, tuple(publishes), ack, reject)
+        if not wait:
+            return None
+        try:
+            return outcome.result(timeout)
+        except TimeoutError:
+            if outcome.cancel():
+                raise ConnectionUnavailable(
+                    f'{self}: no connection to the broker within '
+                    f'{timeout} s') from None
+            # Already handed to the broker: its outcome is what counts.
+            return outcome.result()
+
+    # IO thread
+
+    def _commit(self, outcome, epoch, publishes, ack, reject):
+        if epoch is not None and epoch != self.epoch:
+            if outcome.set_running_or_notify_cancel():
+                outcome.set_exception(ChannelLost(
+                    f'{self}: channel of epoch {epoch} is gone'))
+            return
+        if not self.usable:
+            if epoch is not None:
+                if outcome.set_running_or_notify_cancel():
+                    outcome.set_exception(ChannelLost(
+                        f'{self}: channel is closed'))
+                return
+            self._waiting.append((outcome, epoch, publishes, ack, reject))
+            return
+        if not outcome.set_running_or_notify_cancel():
+            return
+        channel = self.channel
+        if self.connection.confirm:
+            self._commit_confirmed(outcome, channel, publishes, ack, reject)
+            return
+        try:
+            self._publish(channel, publishes)
+            self._settle(channel, ack, reject)
+            self._pending.append(outcome)
+            channel.tx_commit(callback=functools.partial(
+                self._committed, outcome))
+        except Exception as e:
+            if outcome in self._pending:
+                self._pending.remove(outcome)
+            outcome.set_exception(ChannelLost(f'{self}: {e}'))
+
+    @staticmethod
+    def _publish(channel, publishes):
+        to_properties = gocept.amqprun.properties.properties_from
+        for exchange, routing_key, header, body in publishes:
+            channel.basic_publish(
+                exchange, routing_key, body, to_properties(header))
+
+    @staticmethod
+    def _settle(channel, ack, reject):
+        if ack is not None:
+            channel.basic_ack(ack)
+        if reject is not None:
+            channel.basic_reject(reject[0], requeue=reject[1])
+
+    def _commit_confirmed(self, outcome, channel, publishes, ack, reject):
+        """Confirm mode: publish, wait for the broker's confirms, then
+        ACK/reject (at-least-once: a crash in between repeats the
+        publishes)."""
+        try:
+            first = self._sequence + 1
+            self._publish(channel, publishes)
+            self._sequence += len(publishes)
+            self._unconfirmed.update(range(first, self._sequence + 1))
+            if not publishes:
+                self._settle(channel, ack, reject)
+                outcome.set_result(None)
+                return
+        except Exception as e:
+            outcome.set_exception(ChannelLost(f'{self}: {e}'))
+            return
+        self._pending.append(outcome)
+        self._confirms.append((first, self._sequence, outcome, ack, reject))
+
+    def _on_confirm(self, frame):
+        method = frame.method
+        if method.multiple:
+            confirmed = {n for n in self._unconfirmed
+                         if n <= method.delivery_tag}
+        else:
+            confirmed = {method.delivery_tag}
+        self._unconfirmed -= confirmed
+        nacked = confirmed if isinstance(
+            method, pika.spec.Basic.Nack) else set()
+        remaining = []
+        for entry in self._confirms:
+            first, last, outcome, ack, reject = entry
+            if any(first <= n <= last for n in nacked):
+                self._pending.remove(outcome)
+                outcome.set_exception(ChannelLost(
+                    f'{self}: the broker did not accept a publish '
+                    '(basic.nack)'))
+            elif any(first <= n <= last for n in self._unconfirmed):
+                remaining.append(entry)
+            else:
+                self._pending.remove(outcome)
+                try:
+                    self._settle(self.channel, ack, reject)
+                except Exception as e:
+                    outcome.set_exception(ChannelLost(f'{self}: {e}'))
+                else:
+                    outcome.set_result(None)
+        self._confirms = remaining
+
+    def _committed(self, outcome, frame):
+        if outcome in self._pending:
+            self._pending.remove(outcome)
+            outcome.set_result(None)
+
+    def open(self):
+        """Open a new channel (a new epoch) on the current connection."""
+        self.opening = True
+        self.channel = None
+        self.connection.open_channel(self._on_open)
+
+    def _on_open(self, channel):
+        self.channel = channel
+        channel.add_on_close_callback(self._on_close)
+        channel.add_on_cancel_callback(self._on_cancelled_by_broker)
+        if self.connection.confirm:
+            self._sequence = 0
+            self._unconfirmed = set()
+            self._confirms = []
+            channel.confirm_delivery(
+                self._on_confirm, callback=self._on_mode_selected)
+        else:
+            channel.tx_select(callback=self._on_mode_selected)
+
+    def _on_mode_selected(self, frame):
+        if self.on_delivery is None:
+            self._on_ready()
+            return
+        self.channel.basic_qos(
+            prefetch_count=self.connection.prefetch, callback=self._on_qos)
+
+    def _on_qos(self, frame):
+        self.consumer_tags = []
+        remaining = [q for q in self.connection.queues if q.consume]
+
+        def consume_next(frame=None):
+            if not remaining:
+                self._on_ready()
+                return
+            queue = remaining.pop(0)
+            tag = self.channel.basic_consume(
+                queue.name, functools.partial(self._on_message, queue.name),
+                callback=consume_next)
+            self.consumer_tags.append(tag)
+        consume_next()
+
+    def _on_ready(self):
+        self.opening = False
+        log.debug('%s ready', self)
+        waiting, self._waiting = self._waiting, []
+        for item in waiting:
+            self._commit(*item)
+        self.connection.slot_ready(self)
+
+    def _on_message(self, queue, channel, method, properties, body):
+        if channel is not self.channel:
+            return
+        self.on_delivery(Delivery(
+            self, self.epoch, method.delivery_tag, method.routing_key,
+            method.exchange, method.redelivered,
+            gocept.amqprun.properties.header_from(properties), body, queue))
+
+    def _on_close(self, channel, reason):
+        if channel is not self.channel:
+            return
+        self.lost(reason)
+        self.connection.slot_closed(self, reason)
+
+    def _on_cancelled_by_broker(self, frame):
+        self.connection.slot_cancelled(self)
+
+    def lost(self, reason):
+        """The current channel is gone: fail what waits on it."""
+        self.epoch += 1
+        self.channel = None
+        self.consumer_tags = []
+        self._confirms = []
+        self._unconfirmed = set()
+        pending, self._pending = self._pending, []
+        refused = isinstance(reason, pika.exceptions.ChannelClosedByBroker)
+        for outcome in pending:
+            outcome.set_exception(ChannelLost(
+                f'{self}: {gocept.amqprun.errors.reason(reason)}',
+                refused=refused))
+
+    def fail_waiting(self, error):
+        """Fail the commits waiting for a channel (the connection ends)."""
+        waiting, self._waiting = self._waiting, []
+        for outcome, *rest in waiting:
+            if outcome.set_running_or_notify_cancel():
+                outcome.set_exception(error)
+        self.lost(error)
+
+    def cancel(self, done):
+        """Cancel consuming; call `done` when the broker confirmed (or at
+        once when there is nothing to cancel)."""
+        channel = self.channel
+        if channel is None or not channel.is_open or not self.consumer_tags:
+            done()
+            return
+        tags = list(self.consumer_tags)
+        self.consumer_tags = []
+        remaining = set(tags)
+
+        def cancelled(tag, frame=None):
+            remaining.discard(tag)
+            if not remaining:
+                done()
+        for tag in tags:
+            channel.basic_cancel(tag, callback=functools.partial(
+                cancelled, tag))

@@ -1,0 +1,77 @@
+"""The errors of the AMQP layer, and how to say in a log line why
+something failed.
+
+pika's exceptions print poorly (a bare class name, or a tuple); `reason`
+turns any of them into a sentence that never contains a password.
+"""
+
+import pika.exceptions
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectionWorkflowFailed)
+
+
+class AMQPError(Exception):
+    """Base class of the errors of the AMQP layer."""
+
+
+class ConnectionFailed(AMQPError):
+    """The broker cannot be used (unreachable, refused credentials or
+    vhost, or a queue it refuses to declare); the process must stop."""
+
+
+class ChannelLost(AMQPError):
+    """The channel of a delivery or of a commit went away before the
+    commit was confirmed. The broker has rolled the transaction back (and
+    requeued the delivery) -- unless the loss happened after the broker
+    committed but before it confirmed, which cannot be told apart.
+
+    `refused` is True when the broker closed the channel because of what
+    was sent on it (e.g. a publish to an exchange that does not exist).
+    """
+
+    def __init__(self, message, refused=False):
+        super().__init__(message)
+        self.refused = refused
+
+
+class ConnectionUnavailable(AMQPError):
+    """No connection to the broker came up within the send timeout."""
+
+
+def root_cause(error):
+    """Unwrap pika's connection workflow exceptions down to the error
+    that says why (refused, certificate verify failed, ...)."""
+    for _ in range(10):
+        inner = None
+        if isinstance(error, AMQPConnectionWorkflowFailed) \
+                and error.exceptions:
+            inner = error.exceptions[-1]
+        elif isinstance(getattr(error, 'exception', None), BaseException):
+            inner = error.exception
+        elif isinstance(error, pika.exceptions.AMQPConnectionError) \
+                and len(error.args) == 1 \
+                and isinstance(error.args[0], BaseException):
+            inner = error.args[0]
+        if inner is None:
+            break
+        error = inner
+    return error
+
+
+def reason(error):
+    """Why `error` (a pika exception or a close reason) happened, as a
+    log-friendly sentence."""
+    if isinstance(error, pika.exceptions.ProbableAuthenticationError):
+        return ('the broker refused the credentials '
+                '(wrong username or password?)')
+    if isinstance(error, pika.exceptions.ProbableAccessDeniedError):
+        return 'access refused (unknown virtual host or no permission?)'
+    if isinstance(error, (pika.exceptions.ChannelClosed,
+                          pika.exceptions.ConnectionClosed)):
+        return f'{error.reply_code} {error.reply_text}'
+    cause = root_cause(error)
+    if cause is not error:
+        return reason(cause)
+    name = error.__class__.__name__
+    text = str(error) or repr(error)
+    return text if text.startswith(name) else f'{name}: {text}'
