@@ -99,7 +99,8 @@ class Message:
 
     exchange = 'amq.topic'
 
-    def __init__(self, header, body, delivery_tag=None, routing_key=None):
+    def __init__(self, header, body, delivery_tag=None, routing_key=None,
+                 redelivered=False):
         header = make_header(header)
         if delivery_tag is None:
             # Only defaults for messages to send; a received message keeps
@@ -120,6 +121,7 @@ class Message:
         self.body = body
         self.delivery_tag = delivery_tag
         self.routing_key = routing_key
+        self.redelivered = redelivered
 
     def __repr__(self):
         return (f'<Message {self.header.message_id} '

@@ -3,6 +3,8 @@ import json
 import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 import transaction
@@ -92,12 +94,62 @@ def test_header_file_name(pattern, body, header):
     assert pattern.header_path(path) == header
 
 
+def make_uniques(count):
+    return [writefiles.make_unique() for _ in range(count)]
+
+
 def test_unique_is_unique_across_threads():
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         names = list(pool.map(lambda i: writefiles.make_unique(),
                               range(20000)))
     assert len(set(names)) == len(names)
     assert '/' not in names[0] and '.' not in names[0]
+
+
+UNIQUES = """
+import json
+import gocept.amqprun.writefiles as w
+print(json.dumps([w.make_unique() for _ in range(2000)]))
+"""
+
+
+def test_unique_is_unique_across_processes():
+    processes = [subprocess.Popen([sys.executable, '-c', UNIQUES],
+                                  stdout=subprocess.PIPE, text=True)
+                 for _ in range(4)]
+    names = make_uniques(2000)
+    for process in processes:
+        out, _ = process.communicate(timeout=60)
+        assert process.returncode == 0
+        names += json.loads(out)
+    assert len(set(names)) == len(names) == 10000
+    # The process id is part of it: batches of different processes differ
+    # in it even when the clock and the counter agree.
+    assert len({name.split('-')[1] for name in names}) == 5
+
+
+FORKING = """
+import json, os
+import gocept.amqprun.writefiles as w
+parent = [w.make_unique() for _ in range(100)]
+read, write = os.pipe()
+if os.fork() == 0:
+    os.write(write, json.dumps([w.make_unique() for _ in range(100)]).encode())
+    os._exit(0)
+os.close(write)
+child = json.loads(os.read(read, 1 << 20))
+os.wait()
+print(json.dumps(parent + child + [w.make_unique() for _ in range(100)]))
+"""
+
+
+def test_unique_is_unique_in_a_forked_child():
+    # A fresh interpreter forks (forking the test process is unsafe).
+    result = subprocess.run([sys.executable, '-c', FORKING],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    names = json.loads(result.stdout)
+    assert len(set(names)) == len(names) == 300
 
 
 def test_variables_of_a_message():
