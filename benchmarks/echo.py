@@ -32,10 +32,13 @@ beam.smp process when /proc lets us read it.
 
 Extras (once, after the rounds): start-to-consuming, SIGTERM-to-exit with
 K busy workers, and RSS while consuming a large backlog.
+
+This file runs the rounds and the extras and prints the report; the
+consumers live in daemon.py and raw.py, the queues in workload.py, the
+/proc readings in procstat.py.
 """
 
 import argparse
-import contextlib
 import os
 import pathlib
 import shutil
@@ -44,488 +47,30 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import uuid
 
 import pika
 
+from daemon import Daemon
+from procstat import (
+    cpu_seconds, find_broker_pid, load, status_kb, thread_cpu_seconds)
+from raw import Raw
+from workload import Broker, Workload, sweep_queues
 
-CLK_TCK = os.sysconf('SC_CLK_TCK')
+
 WORKDIR = None   # daemon directories go here (see main)
-HERE = pathlib.Path(__file__).resolve().parent
-
-
-# /proc helpers
-
-def cpu_seconds(pid):
-    """utime + stime of `pid` (all its threads) in seconds, or None."""
-    try:
-        with open(f'/proc/{pid}/stat') as f:
-            fields = f.read().rsplit(')', 1)[1].split()
-    except OSError:
-        return None
-    # fields[0] is field 3 (state); utime/stime are fields 14/15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def thread_cpu_seconds(pid):
-    """{tid: utime + stime in seconds} of `pid`'s threads."""
-    result = {}
-    try:
-        tids = os.listdir(f'/proc/{pid}/task')
-    except OSError:
-        return result
-    for tid in tids:
-        seconds = cpu_seconds(f'{pid}/task/{tid}')
-        if seconds is not None:
-            result[tid] = seconds
-    return result
-
-
-def status_kb(pid, key):
-    try:
-        with open(f'/proc/{pid}/status') as f:
-            for line in f:
-                if line.startswith(key + ':'):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _listening_inodes(port):
-    inodes = set()
-    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    if fields[3] == '0A' and \
-                            int(fields[1].rsplit(':', 1)[1], 16) == port:
-                        inodes.add(fields[9])
-        except OSError:
-            continue
-    return inodes
-
-
-def find_broker_pid(port=5672):
-    """The beam.smp process listening on `port` (several brokers may run
-    on this machine), or None."""
-    inodes = {f'socket:[{i}]' for i in _listening_inodes(port)}
-    for pid in _beam_pids():
-        try:
-            fds = os.listdir(f'/proc/{pid}/fd')
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f'/proc/{pid}/fd/{fd}') in inodes:
-                    return pid
-            except OSError:
-                continue
-    return None
-
-
-def _beam_pids():
-    for entry in os.listdir('/proc'):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f'/proc/{entry}/comm') as f:
-                if f.read().strip() == 'beam.smp':
-                    yield int(entry)
-        except OSError:
-            continue
-
-
-def load():
-    return os.getloadavg()
-
-
-# Broker side of the workload
-
-class Broker:
-    """A blocking pika connection of the benchmark process (main thread)."""
-
-    def __init__(self, host, port):
-        self.params = pika.ConnectionParameters(
-            host=host, port=port,
-            credentials=pika.PlainCredentials('guest', 'guest'),
-            heartbeat=0)
-        self.connection = pika.BlockingConnection(self.params)
-        self.channel = self.connection.channel()
-
-    def declare(self, name, key):
-        self.channel.queue_declare(name, durable=True)
-        self.channel.queue_bind(name, 'amq.topic', routing_key=key)
-
-    def count(self, name):
-        return self.channel.queue_declare(
-            name, durable=True, passive=True).method.message_count
-
-    def delete(self, *names):
-        for name in names:
-            with contextlib.suppress(Exception):
-                if not self.channel.is_open:
-                    self.channel = self.connection.channel()
-                self.channel.queue_delete(name)
-
-    def prefill(self, name, key, count, size):
-        """Publish `count` persistent messages to `name` via amq.topic."""
-        body = b'x' * size
-        props = pika.BasicProperties(
-            delivery_mode=2, content_type='application/octet-stream')
-        channel = self.connection.channel()
-        for i in range(count):
-            channel.basic_publish('amq.topic', key, body, props)
-            if i % 2000 == 1999:
-                self.connection.process_data_events(0)
-        channel.close()
-        deadline = time.monotonic() + 60 + count / 2000
-        while self.count(name) < count:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f'prefill of {name} stalled')
-            time.sleep(0.05)
-
-    def close(self):
-        with contextlib.suppress(Exception):
-            self.connection.close()
-
-
-TAGS = []
-
-
-def sweep_queues(broker):
-    """Delete leftover queues of this run (needs rabbitmqctl)."""
-    try:
-        out = subprocess.run(
-            ['rabbitmqctl', '-q', 'list_queues', 'name'],
-            capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return
-    prefixes = tuple(f'bench.{tag}.' for tag in TAGS)
-    broker.delete(*[line.split()[0] for line in out.splitlines()
-                    if line.startswith(prefixes)])
-
-
-class Workload:
-    """A fresh input and output queue, pre-filled."""
-
-    def __init__(self, broker, count, size, fill=True):
-        tag = uuid.uuid4().hex[:10]
-        TAGS.append(tag)
-        self.broker = broker
-        self.count = count
-        self.input = f'bench.{tag}.in'
-        self.input_key = f'bench.{tag}.request'
-        self.output = f'bench.{tag}.out'
-        self.output_key = f'bench.{tag}.reply'
-        broker.declare(self.input, self.input_key)
-        broker.declare(self.output, self.output_key)
-        if fill:
-            broker.prefill(self.input, self.input_key, count, size)
-
-    def replies(self):
-        return self.broker.count(self.output)
-
-    def delete(self):
-        # The daemon may declare auxiliary queues next to its input queue
-        # (the retry policy's); sweep_queues() catches any others.
-        self.broker.delete(self.input, self.output, f'{self.input}.retry',
-                           f'{self.input}.parked')
-
-
-# Consumers as processes
-
-DAEMON_CONF = """\
-<eventlog>
-  level INFO
-  <logfile>
-    path {log}
-    format %(asctime)s %(levelname)s %(name)s %(message)s
-  </logfile>
-</eventlog>
-<logger>
-  name pika
-  level WARNING
-</logger>
-<amqp-server>
-  hostname {host}
-  port {port}
-  username guest
-  password guest
-{server_extra}</amqp-server>
-<worker>
-  amount {workers}
-  component-configuration {zcml}
-{worker_extra}</worker>
-"""
-
-DAEMON_ZCML = """\
-<configure xmlns="http://namespaces.zope.org/zope">
-  <include package="gocept.amqprun" />
-  <utility component="{module}.echo" name="benchmark.echo" />
-</configure>
-"""
-
-HANDLER = """\
-import time
-import gocept.amqprun.handler
-import gocept.amqprun.message
-
-
-@gocept.amqprun.handler.declare({input!r}, {input_key!r})
-def echo(message):
-    {sleep}return [gocept.amqprun.message.Message(
-        {{'content_type': message.header.content_type}}, message.body,
-        routing_key={output_key!r})]
-"""
-
-
-class Daemon:
-    """The real daemon in a subprocess, with an echo handler."""
-
-    def __init__(self, workload, args, sleep=0.0, directory=None,
-                 confirm=False):
-        self.dir = pathlib.Path(directory or tempfile.mkdtemp(
-            prefix='daemon-', dir=WORKDIR))
-        module = 'bench_' + uuid.uuid4().hex[:8]
-        (self.dir / f'{module}.py').write_text(HANDLER.format(
-            input=workload.input, input_key=workload.input_key,
-            output_key=workload.output_key,
-            sleep=f'time.sleep({sleep})\n    ' if sleep else ''))
-        (self.dir / 'server.zcml').write_text(
-            DAEMON_ZCML.format(module=module))
-        self.log = self.dir / 'server.log'
-        prefetch = args.confirm_prefetch if confirm else args.prefetch
-        worker_extra = f'  prefetch {prefetch}\n' if prefetch else ''
-        if confirm:
-            worker_extra += '  commit-mode confirm\n'
-        (self.dir / 'server.conf').write_text(DAEMON_CONF.format(
-            log=self.log, host=args.host, port=args.port,
-            workers=args.workers, zcml=self.dir / 'server.zcml',
-            server_extra='', worker_extra=worker_extra + args.worker_extra))
-        self.process = None
-
-    def start(self, wrapper=()):
-        env = dict(os.environ)
-        env['PYTHONPATH'] = os.pathsep.join(
-            [str(self.dir)] + [p for p in sys.path if p])
-        self.output = open(self.dir / 'output.txt', 'wb')
-        self.started_at = time.monotonic()
-        self.process = subprocess.Popen(
-            list(wrapper) + [sys.executable, '-m', 'gocept.amqprun',
-                             str(self.dir / 'server.conf')],
-            cwd=self.dir, env=env, stdout=self.output,
-            stderr=subprocess.STDOUT)
-        return self
-
-    @property
-    def pid(self):
-        return self.process.pid
-
-    def logged(self, text):
-        try:
-            return text in self.log.read_text()
-        except FileNotFoundError:
-            return False
-
-    def wait_for_log(self, text, timeout=30):
-        deadline = time.monotonic() + timeout
-        while not self.logged(text):
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f'daemon exited ({self.process.returncode}); see '
-                    f'{self.dir}')
-            if time.monotonic() > deadline:
-                raise RuntimeError(f'{text!r} not logged; see {self.dir}')
-            time.sleep(0.005)
-        return time.monotonic()
-
-    def stop(self, timeout=60):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.output.close()
-        return self.process.returncode
-
-
-def raw_main(argv):
-    """`echo.py _raw MODE HOST PORT INPUT OUTPUT_KEY COUNT CONNECTIONS
-    PREFETCH`: a raw pika echo consumer (a subprocess of the benchmark).
-    Prints "ready" when it consumes; exits after COUNT messages."""
-    mode, host, port, input_queue, output_key = argv[:5]
-    count, connections, prefetch = map(int, argv[5:8])
-    params = pika.ConnectionParameters(
-        host=host, port=int(port),
-        credentials=pika.PlainCredentials('guest', 'guest'), heartbeat=0)
-    if mode in 'ce':
-        return raw_async(mode, params, input_queue, output_key, count,
-                         prefetch)
-    lock = threading.Lock()
-    done = [0]
-    barrier = threading.Barrier(connections + 1)
-
-    def consume():
-        connection = pika.BlockingConnection(params)
-        channel = connection.channel()
-        if mode == 'd':
-            # basic_publish now waits for the broker's confirm.
-            channel.confirm_delivery()
-        elif mode != 'c':
-            channel.tx_select()
-        channel.basic_qos(prefetch_count=prefetch)
-        barrier.wait()
-        for method, properties, body in channel.consume(
-                input_queue, inactivity_timeout=0.5):
-            if method is None:
-                with lock:
-                    if done[0] >= count:
-                        break
-                continue
-            channel.basic_publish(
-                'amq.topic', output_key, body, pika.BasicProperties(
-                    delivery_mode=2, content_type=properties.content_type,
-                    correlation_id=properties.message_id))
-            channel.basic_ack(method.delivery_tag)
-            if mode in 'ab':
-                channel.tx_commit()
-            with lock:
-                done[0] += 1
-                if done[0] >= count:
-                    break
-        with contextlib.suppress(Exception):
-            channel.cancel()
-            # Unacked prefetched deliveries go back to the queue.
-            connection.close()
-        finished.wait()    # keep the thread's CPU time in /proc
-
-    finished = threading.Event()
-    threads = [threading.Thread(target=consume) for _ in range(connections)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    print('ready', flush=True)
-    # Stay alive (for /proc) until the benchmark closes our stdin.
-    sys.stdin.read()
-    finished.set()
-    for t in threads:
-        t.join()
-
-
-def raw_async(mode, params, input_queue, output_key, count, prefetch):
-    """Variants c and e on one SelectConnection channel (a lean client:
-    no blocking adapter in the way).
-
-    c: publish the reply and ACK the delivery at once, no transaction.
-    e: confirm mode; publish the reply at once and ACK the delivery when
-       the broker confirms the reply (up to `prefetch` outstanding)."""
-    import pika.spec
-    pending = {}    # publish sequence number -> delivery tag
-    state = dict(seq=0, done=0, channel=None)
-
-    def on_open(connection):
-        connection.channel(on_open_callback=on_channel)
-
-    def on_channel(channel):
-        state['channel'] = channel
-        if mode == 'c':
-            channel.basic_qos(prefetch_count=prefetch, callback=start)
-            return
-        channel.confirm_delivery(
-            ack_nack_callback=on_confirm,
-            callback=lambda frame: channel.basic_qos(
-                prefetch_count=prefetch, callback=start))
-
-    def start(frame):
-        state['channel'].basic_consume(
-            input_queue, on_message,
-            callback=lambda frame: print('ready', flush=True))
-
-    def on_message(channel, method, properties, body):
-        channel.basic_publish(
-            'amq.topic', output_key, body, pika.BasicProperties(
-                delivery_mode=2, content_type=properties.content_type,
-                correlation_id=properties.message_id))
-        if mode == 'c':
-            channel.basic_ack(method.delivery_tag)
-            state['done'] += 1
-            if state['done'] >= count:
-                connection.close()
-            return
-        state['seq'] += 1
-        pending[state['seq']] = method.delivery_tag
-
-    def on_confirm(frame):
-        method = frame.method
-        tag = method.delivery_tag
-        seqs = sorted(s for s in pending if s <= tag) \
-            if method.multiple else [tag]
-        channel = state['channel']
-        for seq in seqs:
-            delivery_tag = pending.pop(seq)
-            if isinstance(method, pika.spec.Basic.Ack):
-                channel.basic_ack(delivery_tag)
-            else:
-                channel.basic_nack(delivery_tag, requeue=True)
-            state['done'] += 1
-        if state['done'] >= count:
-            connection.close()
-
-    connection = pika.SelectConnection(
-        params, on_open_callback=on_open,
-        on_close_callback=lambda *a: connection.ioloop.stop())
-    connection.ioloop.start()
-    sys.stdin.read()
-
-
-class Raw:
-
-    def __init__(self, mode, workload, args, connections=1):
-        self.argv = [
-            sys.executable, __file__, '_raw', mode, args.host,
-            str(args.port), workload.input, workload.output_key,
-            str(workload.count), str(connections),
-            str(args.raw_c_prefetch if mode in 'ce' else args.raw_prefetch)]
-
-    def start(self):
-        self.started_at = time.monotonic()
-        self.process = subprocess.Popen(
-            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        return self
-
-    @property
-    def pid(self):
-        return self.process.pid
-
-    def wait_ready(self):
-        line = self.process.stdout.readline()
-        if line.strip() != b'ready':
-            raise RuntimeError('raw consumer failed to start')
-        return time.monotonic()
-
-    def stop(self, timeout=60):
-        self.process.stdin.close()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process.stdout.close()
-        return self.process.returncode
 
 
 # One measurement
 
 def measure(consumer, workload, broker_pid, wait_ready, interval=0.02,
             py_spy=None):
-    """Start `consumer`, return a dict of numbers."""
+    """Start `consumer`, return a dict of numbers.
+
+    `consumer` has start() (setting `started_at`, a time.monotonic()),
+    `pid`, `process` (a Popen) and stop(); `wait_ready(consumer)` returns
+    the time.monotonic() at which it began consuming. The run ends when
+    `workload` holds all its replies."""
     consumer.start()
     t_ready = wait_ready(consumer)
     spy = None
@@ -588,15 +133,13 @@ def measure(consumer, workload, broker_pid, wait_ready, interval=0.02,
 
 def run_daemon(broker, args, broker_pid, round_=0, confirm=False):
     workload = Workload(broker, args.messages, args.size)
-    daemon = Daemon(workload, args, confirm=confirm)
+    daemon = Daemon(workload, args, WORKDIR, confirm=confirm)
     spy = None
     if args.py_spy:
         spy = f'{args.py_spy}{"-confirm" if confirm else ""}-{round_ + 1}.txt'
     try:
-        return measure(
-            daemon, workload, broker_pid,
-            lambda d: d.wait_for_log('gocept.amqprun.main Started.'),
-            py_spy=spy)
+        return measure(daemon, workload, broker_pid, Daemon.wait_started,
+                       py_spy=spy)
     finally:
         if daemon.process and daemon.process.poll() is None:
             daemon.stop()
@@ -624,10 +167,10 @@ def sigterm_busy(broker, args, sleep=0.2):
     to or back in the input queue."""
     count = args.workers * 20
     workload = Workload(broker, count, args.size)
-    daemon = Daemon(workload, args, sleep=sleep)
+    daemon = Daemon(workload, args, WORKDIR, sleep=sleep)
     try:
         daemon.start()
-        daemon.wait_for_log('gocept.amqprun.main Started.')
+        daemon.wait_started()
         time.sleep(max(0.5, 3 * sleep))
         t0 = time.monotonic()
         daemon.process.send_signal(signal.SIGTERM)
@@ -654,9 +197,9 @@ def backlog_rss(broker, args, broker_pid):
         broker.prefill(workload.input, workload.input_key, args.backlog,
                        args.size)
         fill = time.monotonic() - t0
-        daemon = Daemon(workload, args)
+        daemon = Daemon(workload, args, WORKDIR)
         daemon.start()
-        t_ready = daemon.wait_for_log('gocept.amqprun.main Started.')
+        t_ready = daemon.wait_started()
         cpu0 = cpu_seconds(daemon.pid)
         n0 = workload.replies()
         samples = []
@@ -735,8 +278,6 @@ TARGETS = {('daemon', 'raw-a'): 2, ('daemon', 'raw-b'): 0.9,
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ['_raw']:
-        return raw_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--messages', '-n', type=int, default=20000)
     parser.add_argument('--workers', '-k', type=int, default=8)
@@ -782,10 +323,9 @@ def main(argv=None):
     broker_pid = find_broker_pid(args.port)
     if broker_pid and cpu_seconds(broker_pid) is None:
         broker_pid = None
-    import pika as _pika
     print(f'{time.strftime("%Y-%m-%d %H:%M:%S")}  {os.uname().nodename}  '
           f'{os.cpu_count()} CPUs  Python {sys.version.split()[0]}  '
-          f'pika {_pika.__version__}  broker pid {broker_pid or "unreadable"}')
+          f'pika {pika.__version__}  broker pid {broker_pid or "unreadable"}')
     print('load average before: %.2f %.2f %.2f' % load())
     broker = Broker(args.host, args.port)
     results = {name: [] for name in variants}

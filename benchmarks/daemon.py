@@ -1,0 +1,148 @@
+"""The real gocept.amqprun daemon as a consumer of the echo benchmark.
+
+Owns `Daemon`: a directory of its own with a ZConfig file, a ZCML file and
+a generated handler module that answers each message of a workload's input
+queue with one reply (optionally after sleeping), and
+`python -m gocept.amqprun server.conf` run there as a subprocess, stopped
+with SIGTERM. Its log (server.log) tells when it consumes; its
+stdout/stderr go to output.txt in the same directory.
+"""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+
+STARTED = 'gocept.amqprun.main Started.'
+
+DAEMON_CONF = """\
+<eventlog>
+  level INFO
+  <logfile>
+    path {log}
+    format %(asctime)s %(levelname)s %(name)s %(message)s
+  </logfile>
+</eventlog>
+<logger>
+  name pika
+  level WARNING
+</logger>
+<amqp-server>
+  hostname {host}
+  port {port}
+  username guest
+  password guest
+{server_extra}</amqp-server>
+<worker>
+  amount {workers}
+  component-configuration {zcml}
+{worker_extra}</worker>
+"""
+
+DAEMON_ZCML = """\
+<configure xmlns="http://namespaces.zope.org/zope">
+  <include package="gocept.amqprun" />
+  <utility component="{module}.echo" name="benchmark.echo" />
+</configure>
+"""
+
+HANDLER = """\
+import time
+import gocept.amqprun.handler
+import gocept.amqprun.message
+
+
+@gocept.amqprun.handler.declare({input!r}, {input_key!r})
+def echo(message):
+    {sleep}return [gocept.amqprun.message.Message(
+        {{'content_type': message.header.content_type}}, message.body,
+        routing_key={output_key!r})]
+"""
+
+
+class Daemon:
+    """The real daemon in a subprocess, with an echo handler.
+
+    Its files go to a fresh directory under `workdir`. `args` supplies
+    host, port, workers, prefetch, confirm_prefetch and worker_extra (the
+    benchmark's options); `confirm` selects `commit-mode confirm`.
+    """
+
+    def __init__(self, workload, args, workdir, sleep=0.0, confirm=False):
+        self.dir = pathlib.Path(tempfile.mkdtemp(prefix='daemon-',
+                                                 dir=workdir))
+        module = 'bench_' + uuid.uuid4().hex[:8]
+        (self.dir / f'{module}.py').write_text(HANDLER.format(
+            input=workload.input, input_key=workload.input_key,
+            output_key=workload.output_key,
+            sleep=f'time.sleep({sleep})\n    ' if sleep else ''))
+        (self.dir / 'server.zcml').write_text(
+            DAEMON_ZCML.format(module=module))
+        self.log = self.dir / 'server.log'
+        prefetch = args.confirm_prefetch if confirm else args.prefetch
+        worker_extra = f'  prefetch {prefetch}\n' if prefetch else ''
+        if confirm:
+            worker_extra += '  commit-mode confirm\n'
+        (self.dir / 'server.conf').write_text(DAEMON_CONF.format(
+            log=self.log, host=args.host, port=args.port,
+            workers=args.workers, zcml=self.dir / 'server.zcml',
+            server_extra='', worker_extra=worker_extra + args.worker_extra))
+        self.process = None
+
+    def start(self, wrapper=()):
+        env = dict(os.environ)
+        env['PYTHONPATH'] = os.pathsep.join(
+            [str(self.dir)] + [p for p in sys.path if p])
+        self.output = open(self.dir / 'output.txt', 'wb')
+        self.started_at = time.monotonic()
+        self.process = subprocess.Popen(
+            list(wrapper) + [sys.executable, '-m', 'gocept.amqprun',
+                             str(self.dir / 'server.conf')],
+            cwd=self.dir, env=env, stdout=self.output,
+            stderr=subprocess.STDOUT)
+        return self
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def logged(self, text):
+        try:
+            return text in self.log.read_text()
+        except FileNotFoundError:
+            return False
+
+    def wait_for_log(self, text, timeout=30):
+        """Wait until `text` is in the log; return time.monotonic() then.
+        Raises RuntimeError if the daemon exits or `timeout` passes first.
+        """
+        deadline = time.monotonic() + timeout
+        while not self.logged(text):
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f'daemon exited ({self.process.returncode}); see '
+                    f'{self.dir}')
+            if time.monotonic() > deadline:
+                raise RuntimeError(f'{text!r} not logged; see {self.dir}')
+            time.sleep(0.005)
+        return time.monotonic()
+
+    def wait_started(self):
+        """Wait until the daemon consumes (main() logged "Started.")."""
+        return self.wait_for_log(STARTED)
+
+    def stop(self, timeout=60):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.output.close()
+        return self.process.returncode
