@@ -1,12 +1,20 @@
-"""TCP proxies between the daemon and the broker, to inject faults."""
+"""TCP proxies between the daemon and the broker, to inject faults:
+`Proxy` cuts connections when told, `AMQPProxy` at chosen protocol steps.
+"""
 
+import array
+import collections
 import contextlib
+import fcntl
 import selectors
 import socket
 import struct
+import termios
 import threading
+import time
 
 import gocept.amqprun.parameters
+import gocept.amqprun.testing.frames
 
 
 class Proxy:
@@ -44,7 +52,8 @@ class Proxy:
         self._thread.start()
 
     def __repr__(self):
-        return f'<Proxy :{self.port} -> {self.target[0]}:{self.target[1]}>'
+        return (f'<{type(self).__name__} :{self.port}'
+                f' -> {self.target[0]}:{self.target[1]}>')
 
     @property
     def connections(self):
@@ -152,6 +161,10 @@ class Proxy:
                 self._peer[a] = b
                 self._outgoing[a] = bytearray()
                 self._selector.register(a, selectors.EVENT_READ)
+        self._opened(client, upstream)
+
+    def _opened(self, client, upstream):
+        """Hook: `client` is now forwarded to `upstream`."""
 
     def _read(self, sock):
         peer = self._peer[sock]
@@ -163,18 +176,28 @@ class Proxy:
             data = None
         if not data:
             # EOF or an error: pass what is left on, then close both.
-            with contextlib.suppress(OSError):
-                peer.setblocking(True)
-                peer.settimeout(2)
-                peer.sendall(self._outgoing[peer])
+            self._flush(peer)
             self._close(sock, reset=data is None)
             return
-        self._outgoing[peer] += data
+        self._forward(sock, data)
+        if sock not in self._peer:
+            return      # _forward cut the connection
         self._update(peer)
         if len(self._outgoing[peer]) > self.BUFFER_LIMIT:
             # Back-pressure: stop reading until the peer caught up.
             self._paused.add(sock)
             self._update(sock)
+
+    def _forward(self, sock, data):
+        """Hook: pass `data`, just read from `sock`, on to its peer."""
+        self._outgoing[self._peer[sock]] += data
+
+    def _flush(self, sock):
+        """Send all that waits for `sock` (blocking, before a close)."""
+        with contextlib.suppress(OSError):
+            sock.setblocking(True)
+            sock.settimeout(2)
+            sock.sendall(self._outgoing[sock])
 
     def _write(self, sock):
         buffer = self._outgoing[sock]
@@ -230,3 +253,100 @@ class Proxy:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                             struct.pack('ii', 1, 0))
         sock.close()
+
+
+class AMQPProxy(Proxy):
+    """A `Proxy` that follows the AMQP 0-9-1 frames and cuts at exact
+    protocol steps.
+
+    The bytes pass unchanged; each frame is passed on as soon as it is
+    complete. `arm()` sets a `frames.Rule` (a cut at the nth frame of
+    some methods); `seen()` counts the method frames passed on. Rules and
+    counters span all connections of the proxy.
+    """
+
+    def __init__(self, target_port, target_host='127.0.0.1', port=None):
+        self._readers = {}   # socket -> (direction, FrameReader) of its data
+        self._rules = []
+        self._seen = collections.Counter()   # (direction, method) -> count
+        super().__init__(target_port, target_host, port)
+
+    def arm(self, *methods, nth=1, cut='before', direction=None,
+            channel=None):
+        """Arm and return a `frames.Rule`: at the `nth` method frame of one
+        of `methods` from now on, drop it (``cut='before'``) or pass it on
+        (``cut='after'``), then reset its connection.
+
+        `direction` (TO_BROKER, TO_CLIENT, None: either) and `channel`
+        (None: any) narrow what counts. Wait with ``rule.fired.wait(t)``.
+        """
+        rule = gocept.amqprun.testing.frames.Rule(
+            methods, nth=nth, cut=cut, direction=direction, channel=channel)
+        with self._lock:
+            self._rules.append(rule)
+        return rule
+
+    def seen(self, method, direction=None):
+        """How many frames of `method` the proxy passed on (in `direction`;
+        None: either). A frame dropped by a rule does not count."""
+        with self._lock:
+            return sum(count for (way, m), count in self._seen.items()
+                       if m == method and direction in (None, way))
+
+    # The proxy's thread
+
+    def _opened(self, client, upstream):
+        frames = gocept.amqprun.testing.frames
+        self._readers[client] = (
+            frames.TO_BROKER, frames.FrameReader(header=True))
+        self._readers[upstream] = (frames.TO_CLIENT, frames.FrameReader())
+
+    def _forward(self, sock, data):
+        direction, reader = self._readers[sock]
+        peer = self._peer[sock]
+        for frame, channel, method in reader.feed(data):
+            fired, passed = (), True
+            if method is not None:
+                fired, passed = self._fire(direction, channel, method)
+            if passed:
+                self._outgoing[peer] += frame
+            if fired:
+                self._flush(peer)
+                self._wait_sent(peer)
+                self._close(sock, reset=True)
+                for rule in fired:
+                    rule.fired.set()
+                return
+
+    def _fire(self, direction, channel, method):
+        """Count a method frame; return the rules that fire at it and
+        whether it is passed on."""
+        with self._lock:
+            fired = [rule for rule in self._rules
+                     if rule.match(direction, channel, method)]
+            for rule in fired:
+                self._rules.remove(rule)
+            passed = all(rule.cut == 'after' for rule in fired)
+            if passed:
+                self._seen[direction, method] += 1
+        return fired, passed
+
+    @staticmethod
+    def _wait_sent(sock, timeout=2):
+        # A reset discards what the kernel has not sent yet: wait (a
+        # little, on loopback) until the peer acknowledged all of it.
+        if not hasattr(termios, 'TIOCOUTQ'):
+            return
+        deadline = time.monotonic() + timeout
+        unsent = array.array('i', [0])
+        with contextlib.suppress(OSError):
+            while time.monotonic() < deadline:
+                fcntl.ioctl(sock, termios.TIOCOUTQ, unsent)
+                if not unsent[0]:
+                    return
+                time.sleep(0.001)
+
+    def _close(self, sock, reset=False):
+        self._readers.pop(self._peer.get(sock), None)
+        self._readers.pop(sock, None)
+        super()._close(sock, reset)

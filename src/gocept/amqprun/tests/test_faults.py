@@ -22,8 +22,6 @@ import signal
 import subprocess
 import time
 
-import pika
-import pika.exceptions
 import pytest
 import transaction
 
@@ -193,40 +191,6 @@ def echo(tmp_path, amqp_parameters, amqp_client, name_prefix):
     yield factory
     for e in made:
         e.cleanup()
-
-
-# The proxy
-
-
-def test_proxy_forwards_and_cuts(amqp_parameters, amqp_client, name_prefix):
-    proxy = Proxy.to(amqp_parameters)
-    try:
-        client = Client(proxy.parameters())
-        try:
-            queue = client.declare(f'{name_prefix}.in', [f'{name_prefix}.in'])
-            big = bytes(range(256)) * (5 * 4096)    # 5 MiB, both ways
-            client.send(queue, big)
-            assert client.wait(queue).body == big
-            assert proxy.accepted == 1
-            assert proxy.connections == 1
-            assert proxy.cut() == 1
-            assert proxy.connections == 0
-            with pytest.raises(pika.exceptions.AMQPConnectionError):
-                client.send(queue, b'lost')
-                client.count(queue)
-        finally:
-            client.close()
-        # New connections pass again.
-        client = Client(proxy.parameters())
-        try:
-            client.send(queue, b'again')
-            assert client.wait(queue).body == b'again'
-            assert proxy.accepted == 2
-        finally:
-            client.close()
-    finally:
-        proxy.stop()
-    assert not gocept.amqprun.testing.port_open('127.0.0.1', proxy.port)
 
 
 # SIGKILL, cuts, broker restart
