@@ -7,6 +7,7 @@ rabbitmq-server is installed, `ensure_broker` starts a private node on a
 free port.
 """
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -27,6 +28,35 @@ def free_port():
         return s.getsockname()[1]
 
 
+def processes_with(variable):
+    """PIDs of the processes whose environment holds `variable`
+    (``NAME=value``), read from /proc (Linux)."""
+    entry = variable.encode() + b'\0'
+    result = []
+    for proc in pathlib.Path('/proc').iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / 'environ').read_bytes()
+        except OSError:
+            continue
+        if environ.startswith(entry) or b'\0' + entry in environ:
+            result.append(int(proc.name))
+    return result
+
+
+def kill_processes_with(variable, timeout=10):
+    """SIGKILL the processes whose environment holds `variable`; return
+    when none is left (AssertionError after `timeout`)."""
+    def gone():
+        for pid in processes_with(variable):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return not processes_with(variable)
+    wait_for(gone, timeout=timeout, interval=0.05,
+             message=f'processes with {variable} outlived SIGKILL')
+
+
 def port_open(host, port, timeout=1):
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -40,17 +70,29 @@ class PrivateBroker:
 
     `config` is extra rabbitmq.conf text (e.g. a TLS listener). Needs
     Debian's rabbitmq-server package.
+
+    For a node of a cluster (see `cluster.PrivateCluster`): `directory`
+    is the node's directory (created; default: a new temporary one),
+    `home` its HOME, where Erlang finds ``.erlang.cookie`` (default: the
+    directory), and `env` extra environment variables of the node and of
+    the rabbitmqctl calls made for it.
     """
 
     SERVER = '/usr/lib/rabbitmq/bin/rabbitmq-server'
     CTL = '/usr/lib/rabbitmq/bin/rabbitmqctl'
 
-    def __init__(self, config='', port=None):
+    def __init__(self, config='', port=None, *, directory=None, home=None,
+                 env=None):
         self.port = port or free_port()
         self.dist_port = free_port()
         self.name = f'amqprun{self.port}@localhost'
         self.config = config
-        self.dir = pathlib.Path(tempfile.mkdtemp(prefix='amqprun-broker-'))
+        if directory is None:
+            directory = tempfile.mkdtemp(prefix='amqprun-broker-')
+        self.dir = pathlib.Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.home = pathlib.Path(home or self.dir)
+        self.extra_env = dict(env or {})
         self.process = None
 
     @classmethod
@@ -62,7 +104,7 @@ class PrivateBroker:
         d = self.dir
         env = dict(os.environ)
         env.update(
-            HOME=str(d),
+            HOME=str(self.home),
             RABBITMQ_NODENAME=self.name,
             RABBITMQ_NODE_IP_ADDRESS='127.0.0.1',
             RABBITMQ_NODE_PORT=str(self.port),
@@ -73,9 +115,24 @@ class PrivateBroker:
             RABBITMQ_ENABLED_PLUGINS_FILE=str(d / 'enabled_plugins'),
             RABBITMQ_CONFIG_FILE=str(d / 'rabbitmq'),
         )
+        env.update(self.extra_env)
         return env
 
+    @property
+    def running(self):
+        """Whether the node's server process is alive."""
+        return self.process is not None and self.process.poll() is None
+
     def start(self, timeout=60):
+        """Start the node; return when its AMQP port accepts connections.
+
+        RuntimeError (naming the log directory) if it exits first,
+        AssertionError if the port does not open within `timeout`."""
+        self.launch()
+        self.wait_started(timeout)
+
+    def launch(self):
+        """Start the server process without waiting for it."""
         (self.dir / 'enabled_plugins').write_text('[].\n')
         (self.dir / 'rabbitmq.conf').write_text(
             f'listeners.tcp.default = {self.port}\n'
@@ -83,14 +140,23 @@ class PrivateBroker:
         self.process = subprocess.Popen(
             [self.SERVER], env=self.env, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def wait_started(self, timeout=60):
+        """Wait for a launched node as `start` does."""
         wait_for(lambda: port_open('127.0.0.1', self.port, 0.2)
                  or self.process.poll() is not None, timeout=timeout,
-                 interval=0.2, message='private broker did not start')
+                 interval=0.2,
+                 message=f'private broker did not start; see {self.log}')
         if self.process.poll() is not None:
-            raise RuntimeError(
-                f'private broker exited; see {self.dir}/log')
+            raise RuntimeError(f'private broker exited; see {self.log}')
+
+    @property
+    def log(self):
+        """The node's log directory."""
+        return self.dir / 'log'
 
     def stop(self, timeout=30):
+        """Stop the node gracefully (SIGTERM; SIGKILL after `timeout`)."""
         if self.process is None:
             return
         if self.process.poll() is None:
@@ -98,9 +164,39 @@ class PrivateBroker:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+                self.kill()
         self.process = None
+
+    def kill(self, timeout=10):
+        """SIGKILL the node: the server script and the Erlang VM (its
+        process group), then whatever else still runs with the node's
+        environment (e.g. erl_child_setup, in a session of its own).
+        Returns when none of them is left."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            self.process = None
+        kill_processes_with(f'RABBITMQ_NODENAME={self.name}', timeout)
+
+    def ctl(self, *args, program=CTL, timeout=60):
+        """Run rabbitmqctl (or another CLI tool: `program`) with ``-n`` and
+        the environment of this node; return its stdout. RuntimeError
+        (with its output and the log directory) if it fails."""
+        command = [program, '-n', self.name, *args]
+        try:
+            result = subprocess.run(
+                command, env=self.env, capture_output=True, text=True,
+                timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(
+                f'{" ".join(command)} took more than {timeout} s; '
+                f'see {self.log}') from None
+        if result.returncode:
+            raise RuntimeError(
+                f'{" ".join(command)} failed ({result.returncode}): '
+                f'{result.stdout}{result.stderr}see {self.log}')
+        return result.stdout
 
     def restart(self):
         self.stop()

@@ -11,6 +11,9 @@ import pytest
 from gocept.amqprun.testing.broker import ensure_broker
 from gocept.amqprun.testing.broker import stop_private_broker
 from gocept.amqprun.testing.client import Client
+from gocept.amqprun.testing.cluster import PrivateCluster
+from gocept.amqprun.testing.database import ensure_database
+from gocept.amqprun.testing.database import stop_private_database
 from gocept.amqprun.testing.process import ServerProcess
 
 
@@ -24,6 +27,36 @@ def amqp_parameters():
     params = ensure_broker()
     yield params
     stop_private_broker()
+
+
+@pytest.fixture(scope='session')
+def database_url():
+    """The SQLAlchemy URL of the test database (`ensure_database`: the
+    environment's or a private cluster, stopped after the session)."""
+    url = ensure_database()
+    yield url
+    stop_private_database()
+
+
+@pytest.fixture(scope='session')
+def sql_engine(database_url):
+    """An SQLAlchemy engine of the test database, disposed after the
+    session."""
+    import sqlalchemy
+    engine = sqlalchemy.create_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope='module')
+def rabbitmq_cluster():
+    """A started 3-node `PrivateCluster` shared by the tests of a module
+    (starting one takes ~15 s), cleaned up after them. Tests that stop
+    or kill a node start it again. Skipped without rabbitmq-server."""
+    if not PrivateCluster.available():
+        pytest.skip('rabbitmq-server is not installed: no private cluster')
+    with PrivateCluster(3) as cluster:
+        yield cluster
 
 
 @pytest.fixture
