@@ -17,10 +17,15 @@ would close that channel; the broker has already requeued it).
 
 Every slot's channel is in transaction mode: what a `Slot.commit`
 publishes, ACKs and rejects reaches the broker in one AMQP transaction.
-Different slots commit concurrently. In the opt-in confirm mode the
-channels use publisher confirms instead: a commit publishes, waits for the
-confirms and only then ACKs -- at-least-once, as a crash in between
-repeats publishes.
+Different slots commit concurrently; commits on one slot follow each other
+(each one's frames are sent together, so they never mix). A commit fails
+with `ChannelLost` when the broker certainly did not commit it, and with
+`CommitInDoubt` when the connection went after ``Tx.Commit`` was sent.
+
+In the opt-in confirm mode the channels use publisher confirms instead: a
+commit publishes, waits for the confirms and only then ACKs --
+at-least-once, as a crash in between repeats publishes. A lost channel or
+a NACK fails it with `ChannelLost` (the input was not ACKed).
 """
 
 import _thread
@@ -31,6 +36,7 @@ import pika.exceptions
 import pika.spec
 
 from gocept.amqprun.errors import ChannelLost
+from gocept.amqprun.errors import CommitInDoubt
 from gocept.amqprun.errors import ConnectionUnavailable
 import gocept.amqprun.errors
 import gocept.amqprun.properties
@@ -46,7 +52,8 @@ class Outcome:
     bare lock: a commit's hand-back is on the hot path).
     """
 
-    __slots__ = ('_done', '_state', '_value', '_error', 'log_errors')
+    __slots__ = ('_done', '_state', '_value', '_error', 'log_errors',
+                 'on_nack')
     _guard = _thread.allocate_lock()
     PENDING, RUNNING, CANCELLED, DONE = range(4)
 
@@ -56,6 +63,7 @@ class Outcome:
         self._state = self.PENDING
         self._value = self._error = None
         self.log_errors = False     # nobody waits: log a failure
+        self.on_nack = None         # confirm mode, nobody waits
 
     def set_running_or_notify_cancel(self):
         """IO thread: False if the waiter gave up (then do nothing)."""
@@ -158,7 +166,7 @@ class Slot:
     # Thread-safe API
 
     def commit(self, epoch=None, publishes=(), ack=None, reject=None,
-               timeout=None, wait=True):
+               timeout=None, wait=True, on_failure=None):
         """Publish, ACK and reject in one AMQP transaction; thread-safe.
 
         epoch: the epoch of the delivery to ack/reject; None to use
@@ -168,11 +176,15 @@ class Slot:
         reject: (delivery tag, requeue) to reject.
 
         Returns when the broker confirmed the commit. Raises ChannelLost
-        when the channel went before that (or `epoch` is stale), and
-        ConnectionUnavailable when no channel came up within `timeout`
-        (default: the send_timeout parameter). With `wait=False` it returns
-        at once; the outcome is then only logged (confirm mode's handlers:
-        an input that is not ACKed is redelivered).
+        when the broker certainly did not commit (the channel went before
+        ``Tx.Commit`` was sent, `epoch` is stale, the broker closed the
+        channel because of what was sent, or -- confirm mode -- a publish
+        was NACKed or not confirmed), CommitInDoubt when the connection
+        went after ``Tx.Commit`` was sent, and ConnectionUnavailable when
+        no channel came up within `timeout` (default: the send_timeout
+        parameter). With `wait=False` it returns at once; a failure is
+        then logged, and in confirm mode a NACK calls `on_failure(error)`
+        in the IO thread (the channel lives on, the input is not ACKed).
         """
         if epoch is not None and epoch != self.epoch:
             raise ChannelLost(f'{self}: channel of epoch {epoch} is gone')
@@ -180,6 +192,7 @@ class Slot:
             timeout = self.connection.parameters.send_timeout
         outcome = Outcome()
         outcome.log_errors = not wait
+        outcome.on_nack = on_failure
         self.connection.call(
             self._commit, outcome, epoch, tuple(publishes), ack, reject)
         if not wait:
@@ -275,9 +288,12 @@ class Slot:
             first, last, outcome, ack, reject = entry
             if any(first <= n <= last for n in nacked):
                 self._pending.remove(outcome)
-                outcome.set_exception(ChannelLost(
+                error = ChannelLost(
                     f'{self}: the broker did not accept a publish '
-                    '(basic.nack)'))
+                    '(basic.nack)')
+                outcome.set_exception(error)
+                if outcome.on_nack is not None:
+                    outcome.on_nack(error)
             elif any(first <= n <= last for n in self._unconfirmed):
                 remaining.append(entry)
             else:
@@ -362,7 +378,12 @@ class Slot:
         self.connection.slot_cancelled(self)
 
     def lost(self, reason):
-        """The current channel is gone: fail what waits on it."""
+        """The current channel is gone: fail what waits on it.
+
+        A commit whose ``Tx.Commit`` was sent is in doubt -- unless the
+        broker closed the channel, which it does before processing later
+        frames: then every commit not confirmed yet was rolled back.
+        """
         self.epoch += 1
         self.channel = None
         self.consumer_tags = []
@@ -370,10 +391,12 @@ class Slot:
         self._unconfirmed = set()
         pending, self._pending = self._pending, []
         refused = isinstance(reason, pika.exceptions.ChannelClosedByBroker)
+        why = f'{self}: {gocept.amqprun.errors.reason(reason)}'
         for outcome in pending:
-            outcome.set_exception(ChannelLost(
-                f'{self}: {gocept.amqprun.errors.reason(reason)}',
-                refused=refused))
+            if self.connection.confirm or refused:
+                outcome.set_exception(ChannelLost(why, refused=refused))
+            else:
+                outcome.set_exception(CommitInDoubt(why))
 
     def fail_waiting(self, error):
         """Fail the commits waiting for a channel (the connection ends)."""

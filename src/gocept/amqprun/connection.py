@@ -65,6 +65,7 @@ class Connection:
         self._free_senders = []
         self._sender_lock = threading.Lock()
         self._ready = threading.Event()
+        self._open = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()     # not running
         self._failure = None
@@ -86,6 +87,11 @@ class Connection:
     def wait_until_ready(self, timeout=None):
         """Wait until connected and consuming; return whether it is."""
         return self._ready.wait(timeout)
+
+    def wait_until_open(self, timeout=None):
+        """Wait until connected (the queues declared); return whether it
+        is; thread-safe."""
+        return self._open.wait(timeout)
 
     def acquire_sender(self):
         """Return a sender Slot for the caller's exclusive use until
@@ -167,6 +173,7 @@ class Connection:
             self._ioloop.start()
         finally:
             self._ready.clear()
+            self._open.clear()
             with self._calls_lock:
                 ioloop, self._ioloop = self._ioloop, None
             error = ConnectionUnavailable('connection closed')
@@ -239,6 +246,7 @@ class Connection:
 
     def _on_close(self, connection, why):
         self._ready.clear()
+        self._open.clear()
         self._pika = None
         for slot in self._all_slots():
             slot.lost(why)
@@ -290,6 +298,7 @@ class Connection:
         next_step()
 
     def _open_slots(self):
+        self._open.set()
         for slot in self._all_slots():
             slot.open()
         if not self.consumer_slots:

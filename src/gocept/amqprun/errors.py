@@ -38,6 +38,14 @@ class ConnectionUnavailable(AMQPError):
     """No connection to the broker came up within the send timeout."""
 
 
+class CommitInDoubt(AMQPError):
+    """The connection was lost after ``Tx.Commit`` was sent and before
+    ``Tx.CommitOk`` arrived: the broker has either committed the whole
+    transaction or rolled it back, and nobody can tell which. Not a
+    ChannelLost: treating it as a failure would lose what the broker
+    committed."""
+
+
 def root_cause(error):
     """Unwrap pika's connection workflow exceptions down to the error
     that says why (refused, certificate verify failed, ...)."""

@@ -1,4 +1,4 @@
-"""Between `message.Header` and pika's `BasicProperties`.
+"""Between `message.Header` and pika's `BasicProperties` (and bytes).
 
 The AMQP layer converts at its edge so that handlers and application
 code never see a pika object.
@@ -30,3 +30,16 @@ def properties_from(header):
     if not header.headers:
         properties.headers = None
     return properties
+
+
+def encode(header):
+    """`header` as the bytes AMQP carries it in (its properties as in a
+    content header frame): a lossless way to store a Header."""
+    return b''.join(properties_from(header).encode())
+
+
+def decode(data):
+    """The Header that `encode` made `data` of."""
+    properties = pika.BasicProperties()
+    properties.decode(data)
+    return header_from(properties)

@@ -14,6 +14,7 @@ exactly-once with the ACK.
 
 import collections
 import threading
+
 import gocept.amqprun.message
 
 
@@ -45,6 +46,13 @@ def attempts(header):
         return int(header.headers.get(ATTEMPTS, 0))
     except (TypeError, ValueError):
         return 0
+
+
+Decision = collections.namedtuple(
+    'Decision', 'outcome description publishes reject')
+Decision.__doc__ = """What to commit for a failed delivery: `outcome` is
+'retried' or 'parked'; `publishes` and `reject` are for `Slot.commit`,
+which ACKs the delivery unless `reject` is given."""
 
 
 class RetryPolicy:
@@ -80,11 +88,8 @@ class RetryPolicy:
         return result
 
     def decide(self, delivery, error, park=False):
-        """What to commit for a failed delivery (`park`: no more retries).
-
-        Returns (description, publishes, reject) for `Slot.commit` with
-        ack=delivery tag unless `reject` is given.
-        """
+        """The `Decision` for a failed delivery (`park`: no more
+        retries)."""
         tries = attempts(delivery.header) + 1
         header = _copy(delivery.header)
         headers = header.headers
@@ -104,21 +109,25 @@ class RetryPolicy:
             else:
                 target = ('', queue)
                 description = f'retry {tries} of {self.retries} now'
-            return description, [target + (header, delivery.body)], None
+            return Decision('retried', description,
+                            [target + (header, delivery.body)], None)
         headers[ERROR] = error_text(error)
         headers[QUEUE] = queue
         if self.error_routing_key:
-            return (f'parked after {tries} failure(s) with routing key '
-                    f'{self.error_routing_key!r}',
-                    [('amq.topic', self.error_routing_key, header,
-                      delivery.body)], None)
+            return Decision(
+                'parked', f'parked after {tries} failure(s) with routing '
+                f'key {self.error_routing_key!r}',
+                [('amq.topic', self.error_routing_key, header,
+                  delivery.body)], None)
         if self.park == 'reject':
-            return (f'rejected after {tries} failure(s) (to the queue\'s '
-                    'dead-letter exchange, if any)', [],
-                    (delivery.delivery_tag, False))
-        return (f'parked after {tries} failure(s) in queue '
-                f'{parked_queue(queue)!r}',
-                [('', parked_queue(queue), header, delivery.body)], None)
+            return Decision(
+                'parked', f'rejected after {tries} failure(s) (to the '
+                'queue\'s dead-letter exchange, if any)', [],
+                (delivery.delivery_tag, False))
+        return Decision(
+            'parked', f'parked after {tries} failure(s) in queue '
+            f'{parked_queue(queue)!r}',
+            [('', parked_queue(queue), header, delivery.body)], None)
 
 
 def _copy(header):

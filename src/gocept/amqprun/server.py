@@ -10,6 +10,7 @@ import gocept.amqprun.connection
 import gocept.amqprun.interfaces
 import gocept.amqprun.retry
 import gocept.amqprun.session
+import gocept.amqprun.stats
 import gocept.amqprun.topology
 import gocept.amqprun.worker
 
@@ -24,6 +25,11 @@ DEFAULT_CONFIRM_PREFETCH = 20
 
 class DuplicateQueueError(ValueError):
     """Two handlers consume from the same queue."""
+
+
+class OutboxUnavailable(Exception):
+    """The outbox cannot be used (its database is unreachable, its tables
+    cannot be created)."""
 
 
 def collect_handlers():
@@ -75,7 +81,10 @@ class Server:
         self.retry_policy = (
             retry_policy or gocept.amqprun.retry.RetryPolicy())
         self.refusals = gocept.amqprun.retry.Refusals()
+        self.stats = gocept.amqprun.stats.Stats()
         self.handlers = collect_handlers() if setup_handlers else {}
+        self.outbox = zope.component.queryUtility(
+            gocept.amqprun.interfaces.IOutbox) if self.handlers else None
         queues = gocept.amqprun.topology.queues_for(
             self.handlers.values(), self.retry_policy)
         if prefetch is None:
@@ -102,9 +111,16 @@ class Server:
     def start(self):
         """Run in the calling thread until `stop()`.
 
-        Raises errors.ConnectionFailed when the broker cannot be used, and
-        the error given to `fail()` after that was called.
+        Raises errors.ConnectionFailed when the broker cannot be used,
+        OutboxUnavailable when the outbox's database cannot, and the error
+        given to `fail()` after that was called.
         """
+        if self.outbox is not None:
+            try:
+                self.outbox.prepare()
+            except Exception as e:
+                raise OutboxUnavailable(
+                    f'Cannot prepare {self.outbox!r}: {e}') from e
         for worker in self.workers:
             worker.start()
         try:
@@ -153,6 +169,13 @@ class Server:
                 if worker.is_alive() and timeout:
                     log.warning('%s did not finish within %s s; its message '
                                 'returns to the queue.', worker.name, timeout)
+
+    def retry_later(self, delivery, error):
+        """Have a worker settle `delivery` through the retry policy
+        (thread-safe; the IO thread calls it for a NACKed input)."""
+        index = self.connection.consumer_slots.index(delivery.slot)
+        self.workers[index].inbox.put(
+            gocept.amqprun.worker.Retry(delivery, error))
 
     def send(self, message):
         """Publish `message` when the calling thread's transaction commits

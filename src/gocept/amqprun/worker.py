@@ -1,16 +1,25 @@
 """Worker threads: one handled message = one transaction.
 
-Each worker owns one consumer slot (a channel, see `connection`) and gets
+Each worker owns one consumer slot (a channel, see `channel`) and gets
 only that slot's deliveries, so its commit -- replies published plus the
 ACK -- is an AMQP transaction of its own, concurrent with the other
 workers' commits. Workers never touch pika: they call `Slot.commit`.
+
+What a worker guarantees about a delivery: it is settled exactly once by
+this process -- by the handler's commit (see `session`), or, when that
+failed for certain, by the retry policy's commit (ACK plus a retry or
+parked copy); never both. A delivery whose channel is gone is left to the
+broker, which redelivers it.
 """
 
 import hashlib
 import logging
 import queue
 import threading
+import time
+
 import transaction
+
 import gocept.amqprun.errors
 import gocept.amqprun.message
 import gocept.amqprun.retry
@@ -25,6 +34,15 @@ class BrokerRefused(Exception):
     """The broker refused every commit of a message's handling."""
 
 
+class Retry:
+    """An inbox item: settle `delivery`, which failed with `error`,
+    through the retry policy (a NACKed input in confirm mode)."""
+
+    def __init__(self, delivery, error):
+        self.delivery = delivery
+        self.error = error
+
+
 class Worker(threading.Thread):
     """Handles the deliveries put into `inbox` until it gets None."""
 
@@ -36,78 +54,143 @@ class Worker(threading.Thread):
 
     def run(self):
         while True:
-            delivery = self.inbox.get()
-            if delivery is None or self.stopping:
+            item = self.inbox.get()
+            if item is None:
+                return
+            if self.stopping:
                 # Unhandled deliveries go back to the queue when the
                 # channel closes.
-                if delivery is None:
-                    return
-                continue
-            if not delivery.current:
-                log.debug('Dropping delivery %s of a closed channel.',
-                          delivery.delivery_tag)
                 continue
             try:
-                self.handle(delivery)
+                if isinstance(item, Retry):
+                    self.failed(item.delivery, item.error)
+                elif not item.current:
+                    log.debug('Dropping delivery %s of a closed channel.',
+                              item.delivery_tag)
+                else:
+                    self.handle(item)
             except Exception:
                 # handle() logs what it can; a worker never dies.
                 log.exception('Unexpected error in %s', self.name)
 
     def handle(self, delivery):
-        handler = self.server.handlers[delivery.queue]
+        server = self.server
+        handler = server.handlers[delivery.queue]
         message = gocept.amqprun.message.Message(
             delivery.header, delivery.body, delivery.delivery_tag,
             routing_key=gocept.amqprun.retry.original_routing_key(delivery),
             redelivered=delivery.redelivered)
         message_id = message.header.message_id
-        refusals = self.server.refusals
+        refusals = server.refusals
         key = message_id or hashlib.sha1(delivery.body).hexdigest()
         refused = refusals.count(key)
-        if refused > self.server.retry_policy.retries:
-            self.failed(delivery, message_id, BrokerRefused(
+        if refused > server.retry_policy.retries:
+            self.failed(delivery, BrokerRefused(
                 f'the broker refused {refused} commit(s) of its handling'),
                 park=True)
             refusals.forget(key)
             return
+        stats = server.stats
         manager = transaction.manager
         txn = manager.begin()
         session = gocept.amqprun.session.Session.join(
-            self.server, txn, delivery, message)
+            server, txn, delivery, message)
+        stats.started()
         try:
-            with gocept.amqprun.security.interaction(handler.principal):
-                replies = handler(message)
-                for reply in replies or ():
-                    session.send(reply)
+            started = time.perf_counter()
+            try:
+                self.call(handler, message, session, delivery.queue)
+            finally:
+                handled = time.perf_counter()
+                stats.handler_time(delivery.queue, handled - started)
             manager.commit()
+            stats.commit_time(time.perf_counter() - handled)
         except Exception as error:
+            manager.abort()
+            if session.settled:
+                # The AMQP commit went through (or is in doubt); what
+                # failed finished after it. The delivery is done.
+                log.exception(
+                    'Message %s from queue %r: its ACK was committed, but '
+                    'a data manager failed after that', message_id,
+                    delivery.queue)
+                stats.message(delivery.queue, 'handled')
+                return
             log.exception('Handling message %s from queue %r failed',
                           message_id, delivery.queue)
-            manager.abort()
             if isinstance(error, gocept.amqprun.errors.ChannelLost) \
                     and error.refused:
                 refusals.add(key)
-            self.failed(delivery, message_id, error)
+            self.failed(delivery, error)
         else:
             if refused:
                 refusals.forget(key)
+            stats.message(delivery.queue, 'handled')
             log.debug('Handled message %s from queue %r',
                       message_id, delivery.queue)
+        finally:
+            stats.finished()
+        self.prune_outbox()
 
-    def failed(self, delivery, message_id, error, park=False):
+    def call(self, handler, message, session, queue):
+        """Call `handler` in the current transaction and send its replies
+        through `session` -- or, when the outbox recorded `message` as
+        handled, send what it recorded instead."""
+        outbox = self.server.outbox
+        message_id = message.header.message_id
+        if outbox is not None and outbox.applies(queue, message_id):
+            recorded = outbox.recorded(queue, message_id)
+            if recorded is not None:
+                log.info('Message %s from queue %r was handled before '
+                         '(outbox): sending its %d recorded message(s) '
+                         'again.', message_id, queue, len(recorded))
+                for reply in recorded:
+                    session.send(reply)
+                return
+            # At commit time: what the transaction sends is complete.
+            transaction.get().addBeforeCommitHook(
+                outbox.record, (queue, message_id, session.messages))
+        with gocept.amqprun.security.interaction(handler.principal):
+            replies = handler(message)
+            for reply in replies or ():
+                session.send(reply)
+
+    def prune_outbox(self):
+        outbox = self.server.outbox
+        if outbox is None or not outbox.prune_due():
+            return
+        try:
+            outbox.prune(transaction.manager)
+        except Exception:
+            log.exception('Could not delete old outbox records')
+
+    def failed(self, delivery, error, park=False):
         """Settle a failed delivery as the server's RetryPolicy says: ACK it
-        and republish it for a retry or park it, in one AMQP transaction."""
-        description, publishes, reject = self.server.retry_policy.decide(
-            delivery, error, park=park)
+        and republish it for a retry or park it, in one AMQP transaction.
+        A delivery whose channel is gone is left to the broker."""
+        message_id = delivery.header.message_id
+        if not delivery.current:
+            log.warning('Message %s from queue %r: its channel is gone; '
+                        'the broker redelivers it.', message_id,
+                        delivery.queue)
+            return
+        decision = self.server.retry_policy.decide(delivery, error, park=park)
         try:
             delivery.slot.commit(
-                delivery.epoch, publishes,
-                ack=None if reject else delivery.delivery_tag,
-                reject=reject)
+                delivery.epoch, decision.publishes,
+                ack=None if decision.reject else delivery.delivery_tag,
+                reject=decision.reject)
+        except gocept.amqprun.errors.CommitInDoubt as e:
+            self.server.stats.commit_in_doubt()
+            log.warning('Commit in doubt: message %s from queue %r, %s (%s); '
+                        'the broker either has it or redelivers the message.',
+                        message_id, delivery.queue, decision.description, e)
         except gocept.amqprun.errors.AMQPError as e:
             log.warning('Message %s from queue %r: could not commit its '
                         '%s (%s); the broker redelivers it.', message_id,
-                        delivery.queue, description, e)
+                        delivery.queue, decision.description, e)
         else:
-            (log.error if 'retry' not in description else log.warning)(
+            self.server.stats.message(delivery.queue, decision.outcome)
+            (log.warning if decision.outcome == 'retried' else log.error)(
                 'Message %s from queue %r: %s.', message_id, delivery.queue,
-                description)
+                decision.description)

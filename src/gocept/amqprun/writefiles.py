@@ -1,9 +1,9 @@
 """``<amqp:writefiles>``: store each message of a queue as files.
 
-A message becomes a body file and a header file (JSON) in a directory. The
-files are written to temporary names while the transaction commits and
-renamed into place only after the AMQP commit (the ACK) succeeded: the
-file data manager sorts before the AMQP session, which votes last.
+A message becomes a body file and a header file (JSON) in a directory.
+The files are durable (written, renamed into place, fsynced with their
+directory) when the transaction votes, before the AMQP commit ACKs the
+message; a failed AMQP commit removes them again (see `FileDataManager`).
 """
 
 import datetime
@@ -211,21 +211,33 @@ class FileWriter:
 
 @zope.interface.implementer(transaction.interfaces.IDataManager)
 class FileDataManager:
-    """Writes files when a transaction commits.
+    """Writes files durably before the AMQP commit ACKs their message.
 
-    files: {absolute path: bytes}, renamed into place in that order.
-    In `commit` every file is written (and fsynced) to a hidden temporary
-    name beside its target; `tpc_finish` renames them into place;
-    `abort`/`tpc_abort` remove the temporary files (except after a failed
-    rename in `tpc_finish`: they are kept and logged). Sorting before the
-    AMQP session means `tpc_finish` runs only after the broker committed.
+    files: {absolute path: bytes}, put into place in that order.
+
+    - `commit`: every file is written and fsynced under a hidden
+      temporary name beside its target.
+    - `tpc_vote`: each is renamed into place and its directory fsynced
+      (also the parents of directories created for it): once the vote
+      succeeded, the files survive a crash or power loss. This happens
+      before the AMQP commit, which comes after all votes (see
+      `session`).
+    - `tpc_abort` (the AMQP commit failed for certain, or another vote
+      did): the temporary files are removed, and so are the files this
+      transaction put into place where none was before -- a file that
+      was replaced (a redelivered message stored under the same name) is
+      left as it is, since the message will be stored again.
+
+    A crash between the vote and the AMQP commit leaves the files and the
+    message unACKed: the redelivered message is stored again (at a name
+    of its own with ``${unique}``, over the same file with ``${msgid}``).
     """
 
     def __init__(self, directory, files):
         self.directory = directory
         self.files = files
         self.temporary = {}   # target path -> temporary path
-        self.finishing = False
+        self.created = []     # targets put into place that did not exist
         self.transaction_manager = transaction.manager
 
     def abort(self, txn):
@@ -237,7 +249,7 @@ class FileDataManager:
     def commit(self, txn):
         for path, data in self.files.items():
             parent = os.path.dirname(path)
-            os.makedirs(parent, exist_ok=True)
+            _makedirs(parent)
             temporary = os.path.join(parent, f'.{make_unique()}.tmp')
             self.temporary[path] = temporary
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
@@ -251,24 +263,37 @@ class FileDataManager:
                 os.close(fd)
 
     def tpc_vote(self, txn):
-        pass
-
-    def tpc_finish(self, txn):
-        self.finishing = True
+        directories = set()
         for path, temporary in list(self.temporary.items()):
+            existed = os.path.lexists(path)
             os.replace(temporary, path)
             del self.temporary[path]
+            if not existed:
+                self.created.append(path)
+            directories.add(os.path.dirname(path))
+        for directory in sorted(directories):
+            _fsync_directory(directory)
+
+    def tpc_finish(self, txn):
+        self.created = []
 
     def tpc_abort(self, txn):
-        if self.finishing and self.temporary:
-            # The broker has the ACK already: keep the data for recovery.
-            log.critical('Message ACKed but not stored; its data is kept '
-                         'in %s', ', '.join(
-                             f'{t} (for {p})'
-                             for p, t in self.temporary.items()))
-            self.temporary = {}
-            return
         self._remove_temporary()
+        directories = set()
+        for path in self.created:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.error('Cannot remove %s of a failed commit: %s', path, e)
+                continue
+            log.info('Removed %s: its message was not ACKed and will be '
+                     'stored again.', path)
+            directories.add(os.path.dirname(path))
+        self.created = []
+        for directory in sorted(directories):
+            _fsync_directory(directory)
 
     def _remove_temporary(self):
         for path, temporary in list(self.temporary.items()):
@@ -282,5 +307,27 @@ class FileDataManager:
             del self.temporary[path]
 
     def sortKey(self):
-        # Before '~gocept.amqprun.session:...': the AMQP commit votes last.
         return f'gocept.amqprun.writefiles:{id(self)}'
+
+
+def _makedirs(path):
+    """Create `path` and missing parents, fsyncing the directory that
+    received each new entry (a new directory is durable only then)."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        _makedirs(parent)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        return
+    _fsync_directory(parent)
+
+
+def _fsync_directory(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -3,6 +3,7 @@
 import transaction
 import zope.component
 
+import gocept.amqprun.errors
 import gocept.amqprun.handler
 import gocept.amqprun.interfaces
 import gocept.amqprun.message
@@ -57,23 +58,34 @@ def call_handler(handler, body=b'', header=None, routing_key=None,
     return replies
 
 
-class LastVote:
-    """A stand-in for the AMQP session in unit tests of data managers:
-    sorts like it (votes last) and calls `vote()` in tpc_vote, which may
-    raise to simulate a failed AMQP commit."""
+class FakeSession:
+    """A stand-in for the AMQP session in unit tests of data managers.
+
+    It sorts like `session.Session` (before every other data manager) and
+    calls `commit()` where the real session commits to the broker: in the
+    first ``tpc_finish``, after every manager voted. `commit` may raise
+    `errors.ChannelLost` (or anything else) to simulate a commit that
+    certainly failed -- the transaction then aborts -- or
+    `errors.CommitInDoubt`, which the stand-in swallows like the real
+    session: the other managers finish. `in_doubt` tells whether it did.
+    """
 
     transaction_manager = transaction.manager
 
-    def __init__(self, vote):
-        self.vote = vote
+    def __init__(self, commit=None):
+        self._commit = commit or (lambda: None)
+        self.in_doubt = False
 
     def sortKey(self):
-        return f'~gocept.amqprun.session:test{id(self)}'
+        return ''
 
     def abort(self, txn):
         pass
 
-    tpc_begin = commit = tpc_finish = tpc_abort = abort
+    tpc_begin = commit = tpc_vote = tpc_abort = abort
 
-    def tpc_vote(self, txn):
-        self.vote()
+    def tpc_finish(self, txn):
+        try:
+            self._commit()
+        except gocept.amqprun.errors.CommitInDoubt:
+            self.in_doubt = True

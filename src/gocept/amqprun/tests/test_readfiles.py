@@ -25,19 +25,19 @@ def names(directory):
 
 @zope.interface.implementer(gocept.amqprun.interfaces.ISender)
 class FakeSender:
-    """Collects what is sent; its commit (voting last, like the AMQP
-    session) fails with `error` when set."""
+    """Collects what is sent; its commit (where the AMQP session
+    commits) fails with `error` when set."""
 
     def __init__(self):
         self.sent = []
         self.error = None
 
     def send(self, message):
-        def vote():
+        def commit():
             if self.error is not None:
                 raise self.error
             self.sent.append(message)
-        transaction.get().join(gocept.amqprun.testing.LastVote(vote))
+        transaction.get().join(gocept.amqprun.testing.FakeSession(commit))
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import zope.configuration.config
 import zope.configuration.xmlconfig
 import zope.component
 
+import gocept.amqprun.errors
 import gocept.amqprun.interfaces
 import gocept.amqprun.message
 import gocept.amqprun.testing
@@ -188,11 +189,19 @@ def test_parse_arguments():
 
 # The data manager (no broker)
 
-def failing_vote():
-    """The AMQP session's stand-in, failing its commit."""
-    def vote():
-        raise RuntimeError('AMQP commit failed')
-    return gocept.amqprun.testing.LastVote(vote)
+def failing_commit():
+    """The AMQP session's stand-in, failing its commit for certain."""
+    def commit():
+        raise gocept.amqprun.errors.ChannelLost('AMQP commit failed')
+    return gocept.amqprun.testing.FakeSession(commit)
+
+
+def in_doubt_commit():
+    """The AMQP session's stand-in, losing the connection after Tx.Commit
+    was sent."""
+    def commit():
+        raise gocept.amqprun.errors.CommitInDoubt('connection lost')
+    return gocept.amqprun.testing.FakeSession(commit)
 
 
 def test_data_manager_writes_on_commit(tmp_path):
@@ -204,16 +213,78 @@ def test_data_manager_writes_on_commit(tmp_path):
     assert (tmp_path / 'd' / 'f').read_bytes() == b'data'
 
 
-def test_failed_vote_of_the_session_leaves_no_file(tmp_path):
+def test_files_are_in_place_when_the_amqp_commit_happens(tmp_path):
+    seen = []
     txn = transaction.manager.begin()
-    txn.join(failing_vote())
+    txn.join(gocept.amqprun.testing.FakeSession(
+        lambda: seen.append(files(tmp_path))))
+    txn.join(writefiles.FileDataManager(
+        str(tmp_path), {str(tmp_path / 'd' / 'f'): b'data',
+                        str(tmp_path / 'd' / 'f.header'): b'{}'}))
+    transaction.manager.commit()
+    assert seen == [['d/f', 'd/f.header']]
+
+
+def test_a_failed_amqp_commit_leaves_no_file(tmp_path):
+    txn = transaction.manager.begin()
+    txn.join(failing_commit())
     txn.join(writefiles.FileDataManager(
         str(tmp_path), {str(tmp_path / 'f'): b'data',
                         str(tmp_path / 'f.header'): b'{}'}))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(gocept.amqprun.errors.ChannelLost):
         transaction.manager.commit()
     transaction.manager.abort()
     assert files(tmp_path) == []
+
+
+def test_a_failed_amqp_commit_keeps_a_file_it_replaced(tmp_path):
+    (tmp_path / 'f').write_bytes(b'stored before')
+    txn = transaction.manager.begin()
+    txn.join(failing_commit())
+    txn.join(writefiles.FileDataManager(
+        str(tmp_path), {str(tmp_path / 'f'): b'stored again'}))
+    with pytest.raises(gocept.amqprun.errors.ChannelLost):
+        transaction.manager.commit()
+    transaction.manager.abort()
+    assert files(tmp_path) == ['f']
+    assert (tmp_path / 'f').read_bytes() == b'stored again'
+
+
+def test_an_amqp_commit_in_doubt_keeps_the_files(tmp_path):
+    session = in_doubt_commit()
+    txn = transaction.manager.begin()
+    txn.join(session)
+    txn.join(writefiles.FileDataManager(
+        str(tmp_path), {str(tmp_path / 'f'): b'data'}))
+    transaction.manager.commit()
+    assert session.in_doubt
+    assert files(tmp_path) == ['f']
+
+
+def test_files_and_directories_are_fsynced_before_the_commit(
+        tmp_path, monkeypatch):
+    synced = []
+    fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f'/proc/self/fd/{fd}'))
+        return fsync(fd)
+    monkeypatch.setattr(os, 'fsync', recording_fsync)
+    txn = transaction.manager.begin()
+    txn.join(gocept.amqprun.testing.FakeSession(
+        lambda: synced.append('AMQP commit')))
+    txn.join(writefiles.FileDataManager(
+        str(tmp_path), {str(tmp_path / 'new' / 'f'): b'data'}))
+    transaction.manager.commit()
+    commit = synced.index('AMQP commit')
+    before = synced[:commit]
+    # The data (under its temporary name), the directory of the renamed
+    # file, and the parent of the directory created for it.
+    assert any(p.startswith(str(tmp_path / 'new' / '.')) for p in before)
+    assert str(tmp_path / 'new') in before
+    assert str(tmp_path) in before
+    assert before.index(str(tmp_path / 'new')) > [
+        i for i, p in enumerate(before) if p.endswith('.tmp')][0]
 
 
 def test_abort_twice_and_tpc_abort_without_tpc_begin(tmp_path):
@@ -227,17 +298,19 @@ def test_abort_twice_and_tpc_abort_without_tpc_begin(tmp_path):
     assert files(tmp_path) == []
 
 
-def test_failed_rename_keeps_the_data_for_recovery(tmp_path):
+def test_failed_rename_fails_the_vote_before_the_amqp_commit(tmp_path):
     target = tmp_path / 'f'
     target.mkdir()   # a directory in the way: the rename fails
-    dm = writefiles.FileDataManager(str(tmp_path), {str(target): b'data'})
+    committed = []
     txn = transaction.manager.begin()
-    txn.join(dm)
+    txn.join(gocept.amqprun.testing.FakeSession(
+        lambda: committed.append(True)))
+    txn.join(writefiles.FileDataManager(str(tmp_path), {str(target): b'x'}))
     with pytest.raises(OSError):
         transaction.manager.commit()
     transaction.manager.abort()
-    [kept] = [name for name in files(tmp_path) if name.endswith('.tmp')]
-    assert (tmp_path / kept).read_bytes() == b'data'
+    assert committed == []     # nothing ACKed: the message is retried
+    assert files(tmp_path) == []
 
 
 def test_handler_notifies_message_stored_inside_the_transaction(
