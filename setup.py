@@ -48,10 +48,18 @@ setup(
         'security': ['zope.security >= 6.0'],
         'readfiles': ['gocept.filestore >= 1.0'],
         'writefiles': [],
+        # <amqp:outbox>: exactly-once effects in the handler's database
+        # transaction.
+        'sql': ['SQLAlchemy >= 2.0', 'zope.sqlalchemy >= 3.0'],
         'test': [
             'pytest >= 7.0',
             'zope.security >= 6.0',
             'gocept.filestore >= 1.0',
+            'SQLAlchemy >= 2.0',
+            'zope.sqlalchemy >= 3.0',
+            # PostgreSQL for the outbox tests (SQLAlchemy 2's default
+            # postgresql:// driver).
+            'psycopg[binary] >= 3.1',
         ],
     },
     entry_points={

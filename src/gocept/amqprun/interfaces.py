@@ -95,6 +95,29 @@ class ISender(zope.interface.Interface):
         """
 
 
+class IOutbox(zope.interface.Interface):
+    """Records handled messages and their replies in the handler's
+    database transaction (see `gocept.amqprun.outbox`)."""
+
+    def applies(queue, message_id):
+        """Whether a message of `queue` with `message_id` is recorded."""
+
+    def prepare():
+        """Get ready before the first message (e.g. create tables)."""
+
+    def recorded(queue, message_id):
+        """The recorded messages of a handled input, or None."""
+
+    def record(queue, message_id, messages):
+        """Record the input as handled with the messages it sends."""
+
+    def prune_due():
+        """Whether old records should be deleted now (True once)."""
+
+    def prune(transaction_manager):
+        """Delete old records in a transaction of their own."""
+
+
 class ILoop(zope.interface.Interface):
     """A main loop that runs until stopped (the Server provides it)."""
 

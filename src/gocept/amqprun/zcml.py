@@ -1,5 +1,5 @@
 """The ZCML directives of the ``http://namespaces.gocept.com/amqp``
-namespace: ``writefiles`` and ``readfiles``."""
+namespace: ``writefiles``, ``readfiles`` and ``outbox``."""
 
 import re
 
@@ -110,3 +110,37 @@ def readfiles(_context, directory, routing_key, content_type=None,
     _context.action(
         discriminator=('gocept.amqprun:readfiles', reader.directory),
         callable=lambda: None)
+
+
+class IOutboxDirective(zope.interface.Interface):
+
+    session = zope.configuration.fields.GlobalObject(
+        title='The SQLAlchemy session of the handlers (a scoped_session, '
+              'registered with zope.sqlalchemy).')
+    queues = zope.configuration.fields.Tokens(
+        title='The queues whose handlers use it (default: all).',
+        value_type=zope.schema.TextLine(), required=False)
+    retention = zope.schema.TextLine(
+        title='How long handled message ids are kept (90s, 15m, 12h, 7d).',
+        required=False)
+    create_tables = zope.schema.Bool(
+        title='Create the tables when the daemon starts.', required=False)
+
+
+def outbox(_context, session, queues=None, retention=None,
+           create_tables=True):
+    # Imported here: SQLAlchemy and zope.sqlalchemy are the `sql` extra.
+    import gocept.amqprun.outbox
+    try:
+        component = gocept.amqprun.outbox.Outbox(
+            session, queues=queues or None, create=create_tables,
+            retention=gocept.amqprun.outbox.parse_duration(
+                retention or '7d'))
+    except ValueError as e:
+        raise zope.configuration.exceptions.ConfigurationError(
+            str(e)) from None
+    provides = gocept.amqprun.interfaces.IOutbox
+    _context.action(
+        discriminator=('utility', provides, ''),
+        callable=zope.component.zcml.handler,
+        args=('registerUtility', component, provides, '', _context.info))
