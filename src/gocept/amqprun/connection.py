@@ -49,11 +49,13 @@ class Connection:
         all consumer slots consume; must not block.
     confirm: commit with publisher confirms instead of AMQP transactions
         (publish, wait for the confirms, then ACK): at-least-once.
+    stats: a `stats.Stats` that counts the reconnects, or None.
     """
 
     def __init__(self, parameters, queues=(), consumers=0, prefetch=2,
-                 on_delivery=None, on_ready=None, confirm=False):
+                 on_delivery=None, on_ready=None, confirm=False, stats=None):
         self.parameters = parameters
+        self.stats = stats
         self.confirm = confirm
         self.on_ready = on_ready
         self.queues = list(queues)
@@ -87,6 +89,16 @@ class Connection:
     def wait_until_ready(self, timeout=None):
         """Wait until connected and consuming; return whether it is."""
         return self._ready.wait(timeout)
+
+    @property
+    def running(self):
+        """True while `run` runs its IO loop (also while reconnecting)."""
+        return not self._stopped.is_set()
+
+    @property
+    def open(self):
+        """True while connected (the queues declared)."""
+        return self._open.is_set()
 
     def wait_until_open(self, timeout=None):
         """Wait until connected (the queues declared); return whether it
@@ -211,6 +223,8 @@ class Connection:
     def _on_open(self, connection):
         log.info('Connected to %s', safe_url(connection.params))
         gocept.amqprun.transport.batch_writes(connection)
+        if self._ever_connected and self.stats is not None:
+            self.stats.reconnected()
         self._ever_connected = True
         self._attempt = 0
         connection.add_on_connection_blocked_callback(

@@ -96,13 +96,26 @@ class Server:
             parameters, queues, consumers=len(self.workers),
             prefetch=prefetch,
             on_delivery=lambda i: self.workers[i].inbox.put,
-            on_ready=on_ready, confirm=confirm)
+            on_ready=on_ready, confirm=confirm, stats=self.stats)
         self._stopped = False
         self._failure = None
 
     @property
     def running(self):
+        """True while connected and consuming every handler queue."""
         return self.connection.ready
+
+    @property
+    def connected(self):
+        """True while connected to the broker."""
+        return self.connection.open
+
+    @property
+    def alive(self):
+        """True while the IO loop runs (connected or reconnecting) and
+        every worker thread lives."""
+        return self.connection.running and all(
+            w.is_alive() for w in self.workers)
 
     def wait_until_running(self, timeout=None):
         """Wait until connected and consuming; return `running`."""
