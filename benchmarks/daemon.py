@@ -1,10 +1,10 @@
-"""The real gocept.amqprun daemon as a consumer of the echo benchmark.
+"""The real gocept.amqprun daemon as a consumer of the benchmarks.
 
 Owns `Daemon`: a directory of its own with a ZConfig file, a ZCML file and
 a generated handler module that answers each message of a workload's input
-queue with one reply (optionally after sleeping), and
-`python -m gocept.amqprun server.conf` run there as a subprocess, stopped
-with SIGTERM. Its log (server.log) tells when it consumes; its
+queue with one reply (after what the benchmark adds: a sleep, an INSERT),
+and `python -m gocept.amqprun server.conf` run there as a subprocess,
+stopped with SIGTERM. Its log (server.log) tells when it consumes; its
 stdout/stderr go to output.txt in the same directory.
 """
 
@@ -45,21 +45,23 @@ DAEMON_CONF = """\
 """
 
 DAEMON_ZCML = """\
-<configure xmlns="http://namespaces.zope.org/zope">
+<configure xmlns="http://namespaces.zope.org/zope"
+           xmlns:amqp="http://namespaces.gocept.com/amqp">
   <include package="gocept.amqprun" />
   <utility component="{module}.echo" name="benchmark.echo" />
-</configure>
+{zcml}</configure>
 """
 
+# `setup` (module level) and `work` (the handler's first statements,
+# indented by 4) are the benchmark's; `work` sees `message`.
 HANDLER = """\
-import time
 import gocept.amqprun.handler
 import gocept.amqprun.message
-
+{setup}
 
 @gocept.amqprun.handler.declare({input!r}, {input_key!r})
 def echo(message):
-    {sleep}return [gocept.amqprun.message.Message(
+{work}    return [gocept.amqprun.message.Message(
         {{'content_type': message.header.content_type}}, message.body,
         routing_key={output_key!r})]
 """
@@ -70,19 +72,27 @@ class Daemon:
 
     Its files go to a fresh directory under `workdir`. `args` supplies
     host, port, workers, prefetch, confirm_prefetch and worker_extra (the
-    benchmark's options); `confirm` selects `commit-mode confirm`.
+    benchmark's options); `confirm` selects `commit-mode confirm`. The
+    handler sleeps `sleep` seconds, or runs `work` (see HANDLER; `setup`
+    goes before it, and `{module}` in both and in `zcml` names the
+    handler's module); `zcml` are more directives (prefix amqp:).
     """
 
-    def __init__(self, workload, args, workdir, sleep=0.0, confirm=False):
+    def __init__(self, workload, args, workdir, sleep=0.0, confirm=False,
+                 setup='', work='', zcml=''):
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix='daemon-',
                                                  dir=workdir))
         module = 'bench_' + uuid.uuid4().hex[:8]
+        if sleep:
+            setup, work = 'import time\n' + setup, \
+                f'    time.sleep({sleep})\n' + work
         (self.dir / f'{module}.py').write_text(HANDLER.format(
             input=workload.input, input_key=workload.input_key,
             output_key=workload.output_key,
-            sleep=f'time.sleep({sleep})\n    ' if sleep else ''))
-        (self.dir / 'server.zcml').write_text(
-            DAEMON_ZCML.format(module=module))
+            setup=setup.replace('{module}', module),
+            work=work.replace('{module}', module)))
+        (self.dir / 'server.zcml').write_text(DAEMON_ZCML.format(
+            module=module, zcml=zcml.replace('{module}', module)))
         self.log = self.dir / 'server.log'
         prefetch = args.confirm_prefetch if confirm else args.prefetch
         worker_extra = f'  prefetch {prefetch}\n' if prefetch else ''

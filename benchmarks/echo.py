@@ -33,112 +33,37 @@ beam.smp process when /proc lets us read it.
 Extras (once, after the rounds): start-to-consuming, SIGTERM-to-exit with
 K busy workers, and RSS while consuming a large backlog.
 
-This file runs the rounds and the extras and prints the report; the
+This file owns the variants, the extras and the report's ratios; the
 consumers live in daemon.py and raw.py, the queues in workload.py, the
-/proc readings in procstat.py.
+measuring, rounds and table in measure.py, the /proc readings in
+procstat.py.
 """
 
 import argparse
-import os
-import pathlib
-import shutil
 import signal
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
-import pika
-
 from daemon import Daemon
-from procstat import (
-    cpu_seconds, find_broker_pid, load, status_kb, thread_cpu_seconds)
+from measure import (
+    add_common_options, chosen, environment, header, measure, meter, ratios,
+    rounds, table)
+from procstat import cpu_seconds, find_broker_pid, load, status_kb
 from raw import Raw
-from workload import Broker, Workload, sweep_queues
+from workload import Workload
 
 
 WORKDIR = None   # daemon directories go here (see main)
 
 
-# One measurement
-
-def measure(consumer, workload, broker_pid, wait_ready, interval=0.02,
-            py_spy=None):
-    """Start `consumer`, return a dict of numbers.
-
-    `consumer` has start() (setting `started_at`, a time.monotonic()),
-    `pid`, `process` (a Popen) and stop(); `wait_ready(consumer)` returns
-    the time.monotonic() at which it began consuming. The run ends when
-    `workload` holds all its replies."""
-    consumer.start()
-    t_ready = wait_ready(consumer)
-    spy = None
-    if py_spy:
-        # Samples while consuming; its own CPU is another process's.
-        spy = subprocess.Popen(
-            [str(pathlib.Path(sys.executable).with_name('py-spy')),
-             'record', '--pid', str(consumer.pid), '--threads',
-             '--nonblocking', '--rate', '200', '--format', 'raw',
-             '--output', py_spy], stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-    cpu0 = cpu_seconds(consumer.pid)
-    threads0 = thread_cpu_seconds(consumer.pid)
-    bcpu0 = cpu_seconds(broker_pid) if broker_pid else None
-    first = None
-    deadline = t_ready + 120 + workload.count / 200
-    while True:
-        n = workload.replies()
-        now = time.monotonic()
-        if n and first is None:
-            first = now
-        if n >= workload.count:
-            break
-        if consumer.process.poll() is not None and \
-                workload.replies() < workload.count:
-            raise RuntimeError(
-                f'consumer exited with {consumer.process.returncode} '
-                f'after {n} replies')
-        if now > deadline:
-            raise RuntimeError(f'only {n} of {workload.count} replies')
-        time.sleep(interval)
-    t_end = time.monotonic()
-    cpu1 = cpu_seconds(consumer.pid)
-    threads1 = thread_cpu_seconds(consumer.pid)
-    bcpu1 = cpu_seconds(broker_pid) if broker_pid else None
-    rss = status_kb(consumer.pid, 'VmHWM')
-    consumer.stop()
-    if spy is not None:
-        spy.wait(30)
-    elapsed = t_end - t_ready
-    # The busiest thread: the daemon's IO thread (its saturation caps the
-    # throughput), or the raw consumers' busiest connection thread.
-    busiest = max((threads1[tid] - threads0.get(tid, 0)
-                   for tid in threads1), default=None)
-    result = dict(
-        busiest_pct=busiest * 100 / elapsed if busiest is not None
-        else None,
-        rate=workload.count / elapsed,
-        cpu_ms=(cpu1 - cpu0) * 1000 / workload.count
-        if cpu0 is not None and cpu1 is not None else None,
-        rss_mb=rss / 1024 if rss else None,
-        broker_ms=(bcpu1 - bcpu0) * 1000 / workload.count
-        if bcpu0 is not None and bcpu1 is not None else None,
-        start=t_ready - consumer.started_at,
-        first_reply=(first or t_end) - consumer.started_at,
-        load=load()[0],
-    )
-    return result
-
-
-def run_daemon(broker, args, broker_pid, round_=0, confirm=False):
+def run_daemon(broker, args, meters, round_=0, confirm=False):
     workload = Workload(broker, args.messages, args.size)
     daemon = Daemon(workload, args, WORKDIR, confirm=confirm)
     spy = None
     if args.py_spy:
         spy = f'{args.py_spy}{"-confirm" if confirm else ""}-{round_ + 1}.txt'
     try:
-        return measure(daemon, workload, broker_pid, Daemon.wait_started,
+        return measure(daemon, workload, meters, Daemon.wait_started,
                        py_spy=spy)
     finally:
         if daemon.process and daemon.process.poll() is None:
@@ -146,12 +71,12 @@ def run_daemon(broker, args, broker_pid, round_=0, confirm=False):
         workload.delete()
 
 
-def run_raw(mode, broker, args, broker_pid):
+def run_raw(mode, broker, args, meters):
     workload = Workload(broker, args.messages, args.size)
     connections = args.workers if mode in ('b', 'd') else 1
     raw = Raw(mode[0], workload, args, connections)
     try:
-        return measure(raw, workload, broker_pid, Raw.wait_ready)
+        return measure(raw, workload, meters, Raw.wait_ready)
     finally:
         if raw.process.poll() is None:
             raw.process.kill()
@@ -188,7 +113,7 @@ def sigterm_busy(broker, args, sleep=0.2):
         workload.delete()
 
 
-def backlog_rss(broker, args, broker_pid):
+def backlog_rss(broker, args):
     """Peak RSS while consuming a backlog of args.backlog messages for
     args.backlog_seconds seconds."""
     workload = Workload(broker, args.backlog, args.size, fill=False)
@@ -222,46 +147,13 @@ def backlog_rss(broker, args, broker_pid):
 
 # Output
 
-def fmt(value, spec):
-    return '-' if value is None else format(value, spec)
-
-
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
 def report(results, args):
-    names = list(results)
-    med = {name: {key: median([r[key] for r in results[name]])
-                  for key in results[name][0]} for name in names}
-    print()
-    print(f'{args.messages} messages x {args.size} B, persistent; '
-          f'K={args.workers}; {args.rounds} round(s); medians')
-    print(f'{"variant":<15}{"msg/s":>9}{"min":>8}{"max":>8}'
-          f'{"cpu ms/msg":>12}{"busiest thr":>13}{"broker ms/msg":>15}'
-          f'{"peak RSS MB":>13}{"load":>7}')
-    for name in names:
-        m = med[name]
-        rates = [r['rate'] for r in results[name]]
-        print(f'{name:<15}{m["rate"]:>9.0f}{min(rates):>8.0f}'
-              f'{max(rates):>8.0f}{fmt(m["cpu_ms"], ".3f"):>12}'
-              f'{fmt(m["busiest_pct"], ".0f"):>12}%'
-              f'{fmt(m["broker_ms"], ".3f"):>15}'
-              f'{fmt(m["rss_mb"], ".1f"):>13}{m["load"]:>7.2f}')
-    daemons = [name for name in names if name in DAEMONS]
-    raws = [name for name in names if name not in DAEMONS]
+    med = table(results, args)
+    daemons = [name for name in results if name in DAEMONS]
+    raws = [name for name in results if name not in DAEMONS]
     for daemon in daemons:
-        d = med[daemon]['rate']
         print()
-        for name in raws:
-            ratio = d / med[name]['rate']
-            target = TARGETS.get((daemon, name))
-            note = ''
-            if target is not None:
-                met = 'met' if ratio >= target else 'MISSED'
-                note = f'  (target >= {target}: {met})'
-            print(f'{daemon} / {name:<5} = {ratio:.2f}{note}')
+        ratios(med, [(daemon, name) for name in raws], TARGETS)
     for daemon in daemons:
         if daemon == daemons[0]:
             print()
@@ -279,71 +171,39 @@ TARGETS = {('daemon', 'raw-a'): 2, ('daemon', 'raw-b'): 0.9,
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--messages', '-n', type=int, default=20000)
-    parser.add_argument('--workers', '-k', type=int, default=8)
-    parser.add_argument('--rounds', '-r', type=int, default=3)
-    parser.add_argument('--size', type=int, default=1024)
-    parser.add_argument('--host', default='127.0.0.1')
-    parser.add_argument('--port', type=int, default=5672)
-    parser.add_argument('--prefetch', type=int, default=None,
-                        help='the daemon\'s prefetch (default: its own)')
+    add_common_options(
+        parser, messages=20000,
+        variants='daemon,daemon-confirm,raw-a,raw-b,raw-c,raw-e')
     parser.add_argument('--confirm-prefetch', type=int, default=None,
                         help='daemon-confirm\'s prefetch (default: the '
                         'confirm mode\'s own)')
-    parser.add_argument('--raw-prefetch', type=int, default=2,
-                        help='prefetch of the raw tx consumers (a, b)')
     parser.add_argument('--raw-c-prefetch', type=int, default=100,
                         help='prefetch of the raw no-tx consumer (c)')
     parser.add_argument('--py-spy', metavar='PREFIX', default=None,
                         help='record each daemon run with py-spy into '
                         'PREFIX-<round>.txt (collapsed stacks, per thread)')
-    parser.add_argument('--worker-extra', default='',
-                        help='more lines for the daemon\'s <worker>')
-    parser.add_argument(
-        '--variants', default='daemon,daemon-confirm,raw-a,raw-b,raw-c,raw-e',
-        help='comma-separated subset of daemon,daemon-confirm,raw-a,raw-b,'
-        'raw-c,raw-d,raw-e')
     parser.add_argument('--no-extras', action='store_true',
                         help='skip the SIGTERM and backlog measurements')
     parser.add_argument('--backlog', type=int, default=200000,
                         help='backlog size for the RSS measurement '
                         '(0: skip)')
     parser.add_argument('--backlog-seconds', type=float, default=15)
-    parser.add_argument('--keep', action='store_true',
-                        help='keep the daemons\' directories (config, log)')
     args = parser.parse_args(argv)
-    variants = args.variants.split(',')
-    known = DAEMONS + ('raw-a', 'raw-b', 'raw-c', 'raw-d', 'raw-e')
-    unknown = [name for name in variants if name not in known]
-    if unknown:
-        parser.error(f'unknown variant(s): {", ".join(unknown)}')
-    global WORKDIR
-    WORKDIR = tempfile.mkdtemp(prefix='amqprun-bench-')
-
+    variants = chosen(parser, args, DAEMONS + (
+        'raw-a', 'raw-b', 'raw-c', 'raw-d', 'raw-e'))
     broker_pid = find_broker_pid(args.port)
-    if broker_pid and cpu_seconds(broker_pid) is None:
-        broker_pid = None
-    print(f'{time.strftime("%Y-%m-%d %H:%M:%S")}  {os.uname().nodename}  '
-          f'{os.cpu_count()} CPUs  Python {sys.version.split()[0]}  '
-          f'pika {pika.__version__}  broker pid {broker_pid or "unreadable"}')
-    print('load average before: %.2f %.2f %.2f' % load())
-    broker = Broker(args.host, args.port)
-    results = {name: [] for name in variants}
-    try:
-        for round_ in range(args.rounds):
-            for name in variants:
-                if name in DAEMONS:
-                    r = run_daemon(broker, args, broker_pid, round_,
-                                   confirm=name == 'daemon-confirm')
-                else:
-                    r = run_raw(name.split('-')[1], broker, args, broker_pid)
-                results[name].append(r)
-                print(f'round {round_ + 1} {name:<14} {r["rate"]:7.0f} msg/s'
-                      f'  cpu {fmt(r["cpu_ms"], ".3f")} ms/msg'
-                      f' (busiest thread {fmt(r["busiest_pct"], ".0f")}%)'
-                      f'  broker {fmt(r["broker_ms"], ".3f")} ms/msg'
-                      f'  rss {fmt(r["rss_mb"], ".1f")} MB'
-                      f'  load {r["load"]:.2f}', flush=True)
+    header(broker_pid)
+    meters = {'broker': meter(cpu_seconds, broker_pid)}
+
+    def run(name, round_):
+        if name in DAEMONS:
+            return run_daemon(broker, args, meters, round_,
+                              confirm=name == 'daemon-confirm')
+        return run_raw(name.split('-')[1], broker, args, meters)
+
+    global WORKDIR
+    with environment(args) as (broker, WORKDIR):
+        results = rounds(variants, args.rounds, run)
         report(results, args)
         if not args.no_extras:
             print()
@@ -353,7 +213,7 @@ def main(argv=None):
                   f'{s["replies"]} replied + {s["requeued"]} requeued = '
                   f'{"all" if s["total_ok"] else "NOT all"} messages)')
             if args.backlog:
-                b = backlog_rss(broker, args, broker_pid)
+                b = backlog_rss(broker, args)
                 print(f'backlog {b["backlog"]} (filled in '
                       f'{b["fill_seconds"]:.0f} s): peak RSS '
                       f'{b["hwm_mb"]:.1f} MB (VmHWM; max sampled VmRSS '
@@ -361,13 +221,6 @@ def main(argv=None):
                       f'{b["consumed"]} in {args.backlog_seconds:.0f} s '
                       f'({b["rate"]:.0f} msg/s, {b["cpu_ms"]:.3f} ms/msg)')
         print('load average after: %.2f %.2f %.2f' % load())
-    finally:
-        sweep_queues(broker)
-        broker.close()
-        if args.keep:
-            print(f'daemon directories kept in {WORKDIR}')
-        else:
-            shutil.rmtree(WORKDIR, ignore_errors=True)
 
 
 if __name__ == '__main__':

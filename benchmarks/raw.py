@@ -1,13 +1,13 @@
 """The raw pika consumers of the echo benchmark (variants raw-a to raw-e).
 
 Owns the reference consumers written directly against pika, with no
-gocept.amqprun in between, and how they run: `Raw` starts this file as a
-script in a subprocess of its own (so that /proc shows its CPU time and
-memory alone); the script prints "ready" once it consumes, answers COUNT
-messages and stays alive until its stdin is closed. MODE a and b commit
-a transaction per message (b with several connections), c neither
-transacts nor confirms, d waits for each publisher confirm, e handles the
-confirms asynchronously.
+gocept.amqprun in between, and how they run: `Raw` starts this file (or
+another script built on `raw_main`, like rawsql.py) in a subprocess of
+its own (so that /proc shows its CPU time and memory alone); the script
+prints "ready" once it consumes, answers COUNT messages and stays alive
+until its stdin is closed. MODE a and b commit a transaction per message
+(b with several connections), c neither transacts nor confirms, d waits
+for each publisher confirm, e handles the confirms asynchronously.
 """
 
 import contextlib
@@ -25,11 +25,16 @@ from workload import connection_parameters
 SCRIPT = str(pathlib.Path(__file__).resolve())
 
 
-def raw_main(argv):
+def raw_main(argv, work=None):
     """`raw.py MODE HOST PORT INPUT OUTPUT_KEY COUNT CONNECTIONS
     PREFETCH`: a raw pika echo consumer (a subprocess of the benchmark).
     Prints "ready" when it consumes; answers COUNT messages, then exits
-    once its stdin is closed (until then /proc keeps its numbers)."""
+    once its stdin is closed (until then /proc keeps its numbers).
+
+    `work()`, if given, is called in each connection's thread (modes a,
+    b, d) and returns a function `(properties, body, reply)` called with
+    each delivery and its reply's properties before the reply is
+    published."""
     mode, host, port, input_queue, output_key = argv[:5]
     count, connections, prefetch = map(int, argv[5:8])
     params = connection_parameters(host, int(port))
@@ -41,6 +46,7 @@ def raw_main(argv):
     barrier = threading.Barrier(connections + 1)
 
     def consume():
+        handle = work() if work is not None else None
         connection = pika.BlockingConnection(params)
         channel = connection.channel()
         if mode == 'd':
@@ -57,10 +63,12 @@ def raw_main(argv):
                     if done[0] >= count:
                         break
                 continue
-            channel.basic_publish(
-                'amq.topic', output_key, body, pika.BasicProperties(
-                    delivery_mode=2, content_type=properties.content_type,
-                    correlation_id=properties.message_id))
+            reply = pika.BasicProperties(
+                delivery_mode=2, content_type=properties.content_type,
+                correlation_id=properties.message_id)
+            if handle is not None:
+                handle(properties, body, reply)
+            channel.basic_publish('amq.topic', output_key, body, reply)
             channel.basic_ack(method.delivery_tag)
             if mode in 'ab':
                 channel.tx_commit()
@@ -154,17 +162,19 @@ def raw_async(mode, params, input_queue, output_key, count, prefetch):
 
 
 class Raw:
-    """Raw consumer `mode` (a-e) of `workload`, this file run in a
-    subprocess; `connections` is the number of connections (threads) of
-    a blocking consumer. The benchmark's `args` supply host, port and the
-    prefetch options."""
+    """Raw consumer `mode` (a-e) of `workload`, `script` (this file) run
+    in a subprocess with `extra` arguments at the end; `connections` is
+    the number of connections (threads) of a blocking consumer. The
+    benchmark's `args` supply host, port and the prefetch options."""
 
-    def __init__(self, mode, workload, args, connections=1):
+    def __init__(self, mode, workload, args, connections=1, script=SCRIPT,
+                 extra=()):
         self.argv = [
-            sys.executable, SCRIPT, mode, args.host,
+            sys.executable, script, mode, args.host,
             str(args.port), workload.input, workload.output_key,
             str(workload.count), str(connections),
-            str(args.raw_c_prefetch if mode in 'ce' else args.raw_prefetch)]
+            str(args.raw_c_prefetch if mode in ('c', 'e')
+                else args.raw_prefetch)] + list(extra)
 
     def start(self):
         self.started_at = time.monotonic()

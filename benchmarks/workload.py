@@ -1,4 +1,4 @@
-"""The broker side of the echo benchmark's workload.
+"""The broker side of the benchmarks' workload.
 
 Owns the benchmark process's own connection to the broker (`Broker`: declare,
 pre-fill, count and delete queues), the `Workload` every variant gets (a
@@ -47,13 +47,18 @@ class Broker:
                     self.channel = self.connection.channel()
                 self.channel.queue_delete(name)
 
-    def prefill(self, name, key, count, size):
-        """Publish `count` persistent messages to `name` via amq.topic."""
+    def prefill(self, name, key, count, size, message_ids=False):
+        """Publish `count` persistent messages to `name` via amq.topic
+        (with message-ids `<i.name@bench>` if `message_ids`)."""
         body = b'x' * size
         props = pika.BasicProperties(
             delivery_mode=2, content_type='application/octet-stream')
         channel = self.connection.channel()
         for i in range(count):
+            if message_ids:
+                props = pika.BasicProperties(
+                    delivery_mode=2, content_type=props.content_type,
+                    message_id=f'<{i}.{name}@bench>')
             channel.basic_publish('amq.topic', key, body, props)
             if i % 2000 == 1999:
                 self.connection.process_data_events(0)
@@ -86,9 +91,10 @@ def sweep_queues(broker):
 
 
 class Workload:
-    """A fresh input and output queue, pre-filled."""
+    """A fresh input and output queue, pre-filled (with message-ids if
+    `message_ids`)."""
 
-    def __init__(self, broker, count, size, fill=True):
+    def __init__(self, broker, count, size, fill=True, message_ids=False):
         tag = uuid.uuid4().hex[:10]
         TAGS.append(tag)
         self.broker = broker
@@ -100,7 +106,8 @@ class Workload:
         broker.declare(self.input, self.input_key)
         broker.declare(self.output, self.output_key)
         if fill:
-            broker.prefill(self.input, self.input_key, count, size)
+            broker.prefill(self.input, self.input_key, count, size,
+                           message_ids)
 
     def replies(self):
         return self.broker.count(self.output)
