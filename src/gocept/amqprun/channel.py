@@ -17,18 +17,23 @@ would close that channel; the broker has already requeued it).
 
 Every slot's channel is in transaction mode: what a `Slot.commit`
 publishes, ACKs and rejects reaches the broker in one AMQP transaction.
-Different slots commit concurrently; commits on one slot follow each other
-(each one's frames are sent together, so they never mix). A commit fails
-with `ChannelLost` when the broker certainly did not commit it, and with
+Different slots commit concurrently; the commits of one slot follow each
+other: the next one's frames are sent only after the broker confirmed the
+previous one (RabbitMQ closes the connection, 504, when a channel gets
+anything while it processes ``Tx.Commit``). A commit fails with
+`ChannelLost` when the broker certainly did not commit it, and with
 `CommitInDoubt` when the connection went after ``Tx.Commit`` was sent.
 
 In the opt-in confirm mode the channels use publisher confirms instead: a
 commit publishes, waits for the confirms and only then ACKs --
-at-least-once, as a crash in between repeats publishes. A lost channel or
-a NACK fails it with `ChannelLost` (the input was not ACKed).
+at-least-once, as a crash in between repeats publishes. A NACK fails it
+with `ChannelLost`, so does a lost channel when the commit settles a
+delivery (which is then not ACKed); a lost channel before the confirms of
+mere publishes leaves them in doubt (`CommitInDoubt`).
 """
 
 import _thread
+import collections
 import functools
 import logging
 
@@ -53,7 +58,7 @@ class Outcome:
     """
 
     __slots__ = ('_done', '_state', '_value', '_error', 'log_errors',
-                 'on_nack')
+                 'on_nack', 'on_success', 'settles')
     _guard = _thread.allocate_lock()
     PENDING, RUNNING, CANCELLED, DONE = range(4)
 
@@ -64,6 +69,8 @@ class Outcome:
         self._value = self._error = None
         self.log_errors = False     # nobody waits: log a failure
         self.on_nack = None         # confirm mode, nobody waits
+        self.on_success = None      # confirm mode, nobody waits
+        self.settles = False        # it ACKs/rejects a delivery
 
     def set_running_or_notify_cancel(self):
         """IO thread: False if the waiter gave up (then do nothing)."""
@@ -108,13 +115,17 @@ class Outcome:
 
 
 class Delivery:
-    """A received message as the IO thread hands it to a worker."""
+    """A received message as the IO thread hands it to a worker.
+
+    queue: the queue of its handler; source: the queue it came from (the
+    same, or an auxiliary queue of it, see `retry`).
+    """
 
     __slots__ = ('slot', 'epoch', 'delivery_tag', 'routing_key', 'exchange',
-                 'redelivered', 'header', 'body', 'queue')
+                 'redelivered', 'header', 'body', 'queue', 'source')
 
     def __init__(self, slot, epoch, delivery_tag, routing_key, exchange,
-                 redelivered, header, body, queue):
+                 redelivered, header, body, queue, source=None):
         self.slot = slot
         self.epoch = epoch
         self.delivery_tag = delivery_tag
@@ -124,6 +135,11 @@ class Delivery:
         self.header = header
         self.body = body
         self.queue = queue
+        self.source = source or queue
+
+    def __repr__(self):
+        return (f'<Delivery {self.header.message_id} from {self.source!r} '
+                f'tag={self.delivery_tag} {self.slot}>')
 
     @property
     def current(self):
@@ -150,6 +166,7 @@ class Slot:
         self.consumer_tags = []
         self._pending = []        # outcomes awaiting Commit-Ok, in order
         self._waiting = []        # commits waiting for the channel to open
+        self._queued = collections.deque()   # commits after the pending
         self._sequence = 0        # confirm mode: publishes on the channel
         self._unconfirmed = set()
         self._confirms = []       # (first, last, outcome, ack, reject)
@@ -166,13 +183,13 @@ class Slot:
     # Thread-safe API
 
     def commit(self, epoch=None, publishes=(), ack=None, reject=None,
-               timeout=None, wait=True, on_failure=None):
+               timeout=None, wait=True, on_failure=None, on_success=None):
         """Publish, ACK and reject in one AMQP transaction; thread-safe.
 
         epoch: the epoch of the delivery to ack/reject; None to use
             whatever channel the slot has (waiting for one if necessary).
         publishes: (exchange, routing_key, Header, body) tuples.
-        ack: a delivery tag to ACK.
+        ack: a delivery tag to ACK, or a list of them.
         reject: (delivery tag, requeue) to reject.
 
         Returns when the broker confirmed the commit. Raises ChannelLost
@@ -184,7 +201,8 @@ class Slot:
         no channel came up within `timeout` (default: the send_timeout
         parameter). With `wait=False` it returns at once; a failure is
         then logged, and in confirm mode a NACK calls `on_failure(error)`
-        in the IO thread (the channel lives on, the input is not ACKed).
+        in the IO thread (the channel lives on, the input is not ACKed),
+        the confirms `on_success()`.
         """
         if epoch is not None and epoch != self.epoch:
             raise ChannelLost(f'{self}: channel of epoch {epoch} is gone')
@@ -193,6 +211,8 @@ class Slot:
         outcome = Outcome()
         outcome.log_errors = not wait
         outcome.on_nack = on_failure
+        outcome.on_success = on_success
+        outcome.settles = ack is not None or reject is not None
         self.connection.call(
             self._commit, outcome, epoch, tuple(publishes), ack, reject)
         if not wait:
@@ -215,18 +235,25 @@ class Slot:
                 outcome.set_exception(ChannelLost(
                     f'{self}: channel of epoch {epoch} is gone'))
             return
-        if not self.usable:
-            if epoch is not None:
+        if epoch is not None:
+            # The delivery's channel; it may still be starting to consume
+            # from further queues (deliveries of the first come already).
+            if self.channel is None or not self.channel.is_open:
                 if outcome.set_running_or_notify_cancel():
                     outcome.set_exception(ChannelLost(
                         f'{self}: channel is closed'))
                 return
+        elif not self.usable:
             self._waiting.append((outcome, epoch, publishes, ack, reject))
+            return
+        confirm = self.connection.confirm
+        if self._pending and not confirm:
+            self._queued.append((outcome, epoch, publishes, ack, reject))
             return
         if not outcome.set_running_or_notify_cancel():
             return
         channel = self.channel
-        if self.connection.confirm:
+        if confirm:
             self._commit_confirmed(outcome, channel, publishes, ack, reject)
             return
         try:
@@ -239,6 +266,12 @@ class Slot:
             if outcome in self._pending:
                 self._pending.remove(outcome)
             outcome.set_exception(ChannelLost(f'{self}: {e}'))
+            self._commit_queued()
+
+    def _commit_queued(self):
+        """Send the commits queued behind the one just confirmed."""
+        while self._queued and not self._pending:
+            self._commit(*self._queued.popleft())
 
     @staticmethod
     def _publish(channel, publishes):
@@ -249,7 +282,10 @@ class Slot:
 
     @staticmethod
     def _settle(channel, ack, reject):
-        if ack is not None:
+        if isinstance(ack, list):
+            for tag in ack:
+                channel.basic_ack(tag)
+        elif ack is not None:
             channel.basic_ack(ack)
         if reject is not None:
             channel.basic_reject(reject[0], requeue=reject[1])
@@ -304,12 +340,15 @@ class Slot:
                     outcome.set_exception(ChannelLost(f'{self}: {e}'))
                 else:
                     outcome.set_result(None)
+                    if outcome.on_success is not None:
+                        outcome.on_success()
         self._confirms = remaining
 
     def _committed(self, outcome, frame):
         if outcome in self._pending:
             self._pending.remove(outcome)
             outcome.set_result(None)
+        self._commit_queued()
 
     def open(self):
         """Open a new channel (a new epoch) on the current connection."""
@@ -331,26 +370,30 @@ class Slot:
             channel.tx_select(callback=self._on_mode_selected)
 
     def _on_mode_selected(self, frame):
+        self.consumer_tags = []
         if self.on_delivery is None:
             self._on_ready()
             return
-        self.channel.basic_qos(
-            prefetch_count=self.connection.prefetch, callback=self._on_qos)
+        # basic.qos applies to the consumers created after it.
+        steps = []
+        for prefetch, queues in self.connection.consumption(self):
+            steps.append(functools.partial(
+                self.channel.basic_qos,
+                prefetch_count=prefetch or self.connection.prefetch))
+            steps.extend(functools.partial(self._consume, queue)
+                         for queue in queues)
 
-    def _on_qos(self, frame):
-        self.consumer_tags = []
-        remaining = [q for q in self.connection.queues if q.consume]
-
-        def consume_next(frame=None):
-            if not remaining:
+        def next_step(frame=None):
+            if steps:
+                steps.pop(0)(callback=next_step)
+            else:
                 self._on_ready()
-                return
-            queue = remaining.pop(0)
-            tag = self.channel.basic_consume(
-                queue.name, functools.partial(self._on_message, queue.name),
-                callback=consume_next)
-            self.consumer_tags.append(tag)
-        consume_next()
+        next_step()
+
+    def _consume(self, queue, callback):
+        self.consumer_tags.append(self.channel.basic_consume(
+            queue.name, functools.partial(self._on_message, queue),
+            callback=callback))
 
     def _on_ready(self):
         self.opening = False
@@ -366,7 +409,8 @@ class Slot:
         self.on_delivery(Delivery(
             self, self.epoch, method.delivery_tag, method.routing_key,
             method.exchange, method.redelivered,
-            gocept.amqprun.properties.header_from(properties), body, queue))
+            gocept.amqprun.properties.header_from(properties), body,
+            queue.handler_queue, queue.name))
 
     def _on_close(self, channel, reason):
         if channel is not self.channel:
@@ -390,13 +434,18 @@ class Slot:
         self._confirms = []
         self._unconfirmed = set()
         pending, self._pending = self._pending, []
+        queued, self._queued = self._queued, collections.deque()
         refused = isinstance(reason, pika.exceptions.ChannelClosedByBroker)
         why = f'{self}: {gocept.amqprun.errors.reason(reason)}'
         for outcome in pending:
-            if self.connection.confirm or refused:
+            if refused or (self.connection.confirm and outcome.settles):
                 outcome.set_exception(ChannelLost(why, refused=refused))
             else:
                 outcome.set_exception(CommitInDoubt(why))
+        for outcome, *rest in queued:
+            # Never sent.
+            if outcome.set_running_or_notify_cancel():
+                outcome.set_exception(ChannelLost(why))
 
     def fail_waiting(self, error):
         """Fail the commits waiting for a channel (the connection ends)."""

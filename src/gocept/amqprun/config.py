@@ -68,6 +68,7 @@ def load_config(path):
     try:
         config.retry_policy = gocept.amqprun.retry.RetryPolicy(
             retries=worker.retries, delay=worker.retry_delay,
+            backoff=worker.retry_backoff, max_delay=worker.retry_max_delay,
             park=worker.park, error_routing_key=worker.error_routing_key)
     except ValueError as e:
         raise ConfigError(f'{path}: section <worker>: {e}') from None

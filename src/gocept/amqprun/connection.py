@@ -30,6 +30,7 @@ from gocept.amqprun.errors import ConnectionFailed
 from gocept.amqprun.errors import ConnectionUnavailable
 from gocept.amqprun.errors import reason
 from gocept.amqprun.parameters import safe_url
+import gocept.amqprun.topology
 import gocept.amqprun.transport
 
 
@@ -332,13 +333,20 @@ class Connection:
         if self.is_open() and slot.channel is None and not slot.opening:
             slot.open()
 
+    def consumption(self, slot):
+        """[(prefetch or None, [queues])] that consumer `slot` consumes
+        (see `topology.consumption`)."""
+        return gocept.amqprun.topology.consumption(
+            self.queues, first=slot is self.consumer_slots[0])
+
     def slot_ready(self, slot):
         """`slot` has opened its channel (and consumes, if it should)."""
         if all(s.channel is not None and not s.opening
                for s in self.consumer_slots):
             if not self._ready.is_set():
                 log.info('Consuming from %d queue(s) on %d channel(s)',
-                         len([q for q in self.queues if q.consume]),
+                         len([q for q in self.queues
+                              if q.consume and not q.single]),
                          len(self.consumer_slots))
             self._set_ready()
 

@@ -2,10 +2,10 @@
 
 A thread polls ``new/``. Each file is published in a transaction of its
 own together with a data manager that moves it to ``cur/`` in
-`tpc_finish`, i.e. only after the AMQP commit succeeded. While the broker
-is unavailable the commit fails, the file stays in ``new/`` and is tried
-again at the next poll; so it does when the commit is in doubt (sent
-twice rather than lost).
+`tpc_finish`, i.e. only after the AMQP commit succeeded (in doubt, the
+session has sent it once more: perhaps twice, never lost). While the
+broker is unavailable the commit fails, the file stays in ``new/`` and is
+tried again at the next poll.
 """
 
 import logging
@@ -21,7 +21,6 @@ import zope.interface
 import gocept.amqprun.errors
 import gocept.amqprun.interfaces
 import gocept.amqprun.message
-import gocept.amqprun.session
 
 
 log = logging.getLogger(__name__)
@@ -130,11 +129,7 @@ class FileReader:
             sender.send(gocept.amqprun.message.Message(
                 {'content_type': self.content_type, 'X-Filename': name},
                 body, routing_key=self.routing_key))
-            session = gocept.amqprun.session.Session.of(sender, txn)
-            move = MoveDataManager(self.store, name, 'new', 'cur')
-            if session is not None:
-                move.unless = lambda: session.in_doubt
-            txn.join(move)
+            txn.join(MoveDataManager(self.store, name, 'new', 'cur'))
             manager.commit()
         except Vanished:
             manager.abort()
@@ -147,21 +142,14 @@ class FileReader:
         except BaseException:
             manager.abort()
             raise
-        if move.moved:
-            log.info('Sent %s to %r.', path, self.routing_key)
-        else:
-            log.warning('Sending %s to %r is in doubt: it stays in new/ and '
-                        'is sent again (perhaps twice, never lost).', path,
-                        self.routing_key)
+        log.info('Sent %s to %r.', path, self.routing_key)
         return True
 
 
 @zope.interface.implementer(transaction.interfaces.IDataManager)
 class MoveDataManager:
     """Moves a file between the folders of a FileStore on tpc_finish,
-    after the AMQP commit (see `session`) -- unless `unless()` says so
-    then (the AMQP commit is in doubt: the file stays to be sent again).
-    `moved` tells whether it moved.
+    after the AMQP commit (see `session`).
 
     `tpc_vote` checks that the file is still there, so a vanished file
     aborts the transaction before the AMQP commit.
@@ -172,8 +160,6 @@ class MoveDataManager:
         self.name = name
         self.source = source
         self.destination = destination
-        self.unless = lambda: False
-        self.moved = False
         self.transaction_manager = transaction.manager
 
     def abort(self, txn):
@@ -191,9 +177,7 @@ class MoveDataManager:
             raise Vanished(f'{path} vanished before the commit')
 
     def tpc_finish(self, txn):
-        if not self.unless():
-            self.store.move(self.name, self.source, self.destination)
-            self.moved = True
+        self.store.move(self.name, self.source, self.destination)
 
     def tpc_abort(self, txn):
         pass

@@ -1,143 +1,283 @@
-"""What happens to a message whose handling failed: retry, then park.
+"""What happens to a message whose handling failed or that came back
+unsettled: retry, quarantine, park.
 
-A failed message is ACKed and, in the same AMQP transaction, republished
-with its try count in the header ``x-amqprun-attempts`` -- either straight
-back to its queue, or (with a delay) to ``<queue>.retry``, a queue without
-consumers whose messages expire after the delay and are dead-lettered back
-to ``<queue>``. After `retries` retries the message is parked: published
-to ``<queue>.parked`` (default), to amq.topic with `error_routing_key`, or
-rejected without requeue so that the queue's own dead-letter exchange gets
-it. Because the count travels with the message and changes in the same
-transaction as the ACK, counting works on classic queues and is
-exactly-once with the ACK.
+Failed handling. A failed message is ACKed and, in the same AMQP
+transaction, republished with its failure count in the header
+``amqprun-attempts`` -- either straight back to its queue, or (with a
+delay) to a retry queue without consumers whose messages expire after the
+delay and are dead-lettered back to the queue: ``<queue>.retry``, or with
+growing delays one queue per delay (``<queue>.retry.10s`` ...). After
+`retries` retries the message is parked: published to ``<queue>.parked``
+(default), to amq.topic with `error_routing_key`, or rejected without
+requeue so that the queue's own dead-letter exchange gets it.
+
+Unsettled deliveries. A delivery the broker flags as redelivered was
+delivered before and never settled: its consumer died (a crash, a
+SIGKILL, the OOM killer -- perhaps because of this very message) or lost
+its channel. Before such a delivery is handled, it is ACKed and, in the
+same transaction, republished to ``<queue>.quarantine`` with
+``amqprun-unsettled`` counting such returns; every process consumes its
+quarantine queues with one consumer and one message at a time, so a
+message that kills its process there takes only itself down, and the
+messages that merely shared its process's crash are handled normally.
+When failures and unsettled returns together exceed `retries`, the
+message is parked instead: a message that kills its process cannot loop.
+
+The counts travel in the message and change in the same transaction as
+the ACK, so counting works on classic and quorum queues alike and
+survives any crash. Header names of earlier versions (``x-amqprun-*``)
+are still read.
 """
 
 import collections
 import threading
 
 import gocept.amqprun.message
+import gocept.amqprun.topology
 
 
-ATTEMPTS = 'x-amqprun-attempts'
-ROUTING_KEY = 'x-amqprun-routing-key'
-EXPIRATION = 'x-amqprun-expiration'
-ERROR = 'x-amqprun-error'
-QUEUE = 'x-amqprun-queue'
+ATTEMPTS = 'amqprun-attempts'
+UNSETTLED = 'amqprun-unsettled'
+ROUTING_KEY = 'amqprun-routing-key'
+EXPIRATION = 'amqprun-expiration'
+ERROR = 'amqprun-error'
+QUEUE = 'amqprun-queue'
+LEGACY_PREFIX = 'x-'    # the names before 4.0 were x-amqprun-...
 
 PARK_MODES = ('queue', 'reject')
 
 
-def retry_queue(queue_name):
-    return f'{queue_name}.retry'
+def retry_queue(queue_name, delay=None):
+    """The retry queue of `queue_name`; with `delay` (seconds), the one
+    for that delay when delays grow."""
+    if delay is None:
+        return f'{queue_name}.retry'
+    return f'{queue_name}.retry.{delay:g}s'
 
 
 def parked_queue(queue_name):
     return f'{queue_name}.parked'
 
 
-def original_routing_key(delivery):
-    """The routing key the message first arrived with."""
-    return delivery.header.headers.get(ROUTING_KEY) or delivery.routing_key
+def quarantine_queue(queue_name):
+    return f'{queue_name}.quarantine'
 
 
-def attempts(header):
-    """How many times handling this message has failed before."""
+def header(headers, name):
+    """The value of our header `name` (or of its legacy name), or None."""
+    value = headers.get(name)
+    if value is None:
+        value = headers.get(LEGACY_PREFIX + name)
+    return value
+
+
+def _count(headers, name):
     try:
-        return int(header.headers.get(ATTEMPTS, 0))
+        return int(header(headers, name) or 0)
     except (TypeError, ValueError):
         return 0
 
 
+def original_routing_key(delivery):
+    """The routing key the message first arrived with."""
+    key = header(delivery.header.headers, ROUTING_KEY)
+    if isinstance(key, bytes):
+        key = key.decode('utf-8', 'replace')
+    return key or delivery.routing_key
+
+
+def attempts(header):
+    """How many times handling this message has failed before."""
+    return _count(header.headers, ATTEMPTS)
+
+
+def unsettled(header):
+    """How many times this message was delivered and not settled."""
+    return _count(header.headers, UNSETTLED)
+
+
+def returns(delivery):
+    """How many times the broker says `delivery` returned unsettled since
+    it was last published: quorum queues count (``x-delivery-count``),
+    classic queues only flag ``redelivered`` (counted as 1)."""
+    count = delivery.header.headers.get('x-delivery-count')
+    if isinstance(count, int) and count > 0:
+        return count
+    return 1 if delivery.redelivered else 0
+
+
 Decision = collections.namedtuple(
     'Decision', 'outcome description publishes reject')
-Decision.__doc__ = """What to commit for a failed delivery: `outcome` is
-'retried' or 'parked'; `publishes` and `reject` are for `Slot.commit`,
-which ACKs the delivery unless `reject` is given."""
+Decision.__doc__ = """What to commit for a delivery: `outcome` is
+'retried', 'quarantined' or 'parked'; `publishes` and `reject` are for
+`Slot.commit`, which ACKs the delivery unless `reject` is given."""
 
 
 class RetryPolicy:
-    """retries: retries after the first failure (0: park at once).
-    delay: seconds before a retry (0: straight back to the queue).
+    """retries: retries after the first failure (0: park at once); also
+        the number of unsettled returns and failures together after which
+        a message is parked.
+    delay: seconds before the first retry (0: straight back to the queue).
+    backoff: the factor by which the delay grows from try to try (1:
+        constant).
+    max_delay: the largest delay (seconds).
     park: 'queue' (``<queue>.parked``) or 'reject' (the queue's
         dead-letter exchange); ignored when error_routing_key is set.
     error_routing_key: park by publishing to amq.topic with this key.
     """
 
     def __init__(self, retries=3, delay=5.0, park='queue',
-                 error_routing_key=None):
+                 error_routing_key=None, backoff=1.0, max_delay=300.0):
         if park not in PARK_MODES:
             raise ValueError(
                 f'park must be one of {", ".join(PARK_MODES)}, not {park!r}')
         if retries < 0 or delay < 0:
             raise ValueError('retries and delay must not be negative')
+        if backoff < 1:
+            raise ValueError('backoff must be at least 1')
+        if max_delay < delay:
+            raise ValueError('max_delay must not be less than delay')
         self.retries = retries
         self.delay = delay
+        self.backoff = backoff
+        self.max_delay = max_delay
         self.park = park
         self.error_routing_key = error_routing_key
 
-    def auxiliary_queues(self, queue_name):
-        """(name, arguments) of the queues this policy needs beside
-        `queue_name`."""
-        result = []
-        if self.retries and self.delay:
-            result.append((retry_queue(queue_name), {
-                'x-dead-letter-exchange': '',
-                'x-dead-letter-routing-key': queue_name}))
+    def delay_of(self, tries):
+        """Seconds before retry number `tries` (1 is the first)."""
+        return min(self.delay * self.backoff ** (tries - 1), self.max_delay)
+
+    @property
+    def delays(self):
+        """The distinct retry delays, in order."""
+        if not self.retries or not self.delay:
+            return []
+        return sorted({self.delay_of(n) for n in range(1, self.retries + 1)})
+
+    def _retry_queue(self, queue_name, delay):
+        if len(self.delays) == 1:
+            return retry_queue(queue_name)
+        return retry_queue(queue_name, delay)
+
+    def auxiliary_queues(self, queue):
+        """The `topology.Queue` objects this policy needs beside `queue`
+        (a topology.Queue); they have the type of `queue`."""
+        name = queue.name
+        typed = gocept.amqprun.topology.same_type(queue.arguments)
+        result = [gocept.amqprun.topology.Queue(
+            quarantine_queue(name), arguments=typed or None, prefetch=1,
+            single=True, handler_queue=name)]
+        for delay in self.delays:
+            result.append(gocept.amqprun.topology.Queue(
+                self._retry_queue(name, delay), consume=False,
+                arguments=dict(typed, **{
+                    'x-dead-letter-exchange': '',
+                    'x-dead-letter-routing-key': name})))
         if self.park == 'queue' and not self.error_routing_key:
-            result.append((parked_queue(queue_name), None))
+            result.append(gocept.amqprun.topology.Queue(
+                parked_queue(name), arguments=typed or None, consume=False))
         return result
 
     def decide(self, delivery, error, park=False):
         """The `Decision` for a failed delivery (`park`: no more
         retries)."""
         tries = attempts(delivery.header) + 1
-        header = _copy(delivery.header)
-        headers = header.headers
+        header, headers = _copy(delivery)
         headers[ATTEMPTS] = tries
-        headers.setdefault(ROUTING_KEY, delivery.routing_key)
-        if EXPIRATION in headers:
-            header.expiration = headers.pop(EXPIRATION)
         queue = delivery.queue
-        if tries <= self.retries and not park:
-            if self.delay:
+        if tries + unsettled(delivery.header) <= self.retries and not park:
+            delay = self.delay_of(tries)
+            if delay:
                 if header.expiration is not None:
                     headers[EXPIRATION] = header.expiration
-                header.expiration = str(int(self.delay * 1000))
-                target = ('', retry_queue(queue))
+                header.expiration = str(int(delay * 1000))
+                target = ('', self._retry_queue(queue, delay))
                 description = (f'retry {tries} of {self.retries} in '
-                               f'{self.delay:g} s')
+                               f'{delay:g} s')
             else:
                 target = ('', queue)
                 description = f'retry {tries} of {self.retries} now'
             return Decision('retried', description,
                             [target + (header, delivery.body)], None)
-        headers[ERROR] = error_text(error)
-        headers[QUEUE] = queue
+        return self._park(delivery, header, error_text(error),
+                          f'after {tries} failure(s)')
+
+    def quarantine(self, delivery):
+        """The `Decision` for a delivery that returned unsettled (see
+        `returns`): republish it to the quarantine queue, counted, or
+        park it."""
+        count = unsettled(delivery.header) + returns(delivery)
+        header, headers = _copy(delivery)
+        headers[UNSETTLED] = count
+        if count + attempts(delivery.header) > self.retries:
+            return self._park(
+                delivery, header,
+                f'delivered {count} time(s) without being settled (its '
+                'process died or lost its connection while it had it)',
+                f'after {count} unsettled deliveries')
+        return Decision(
+            'quarantined', f'returned unsettled {count} time(s); handled '
+            f'in {quarantine_queue(delivery.queue)!r}',
+            [('', quarantine_queue(delivery.queue), header, delivery.body)],
+            None)
+
+    def _park(self, delivery, header, error, why):
+        headers = header.headers
+        headers[ERROR] = error
+        headers[QUEUE] = queue = delivery.queue
         if self.error_routing_key:
             return Decision(
-                'parked', f'parked after {tries} failure(s) with routing '
-                f'key {self.error_routing_key!r}',
+                'parked', f'parked {why} with routing key '
+                f'{self.error_routing_key!r}',
                 [('amq.topic', self.error_routing_key, header,
                   delivery.body)], None)
         if self.park == 'reject':
             return Decision(
-                'parked', f'rejected after {tries} failure(s) (to the '
-                'queue\'s dead-letter exchange, if any)', [],
-                (delivery.delivery_tag, False))
+                'parked', f'rejected {why} (to the queue\'s dead-letter '
+                'exchange, if any)', [], (delivery.delivery_tag, False))
         return Decision(
-            'parked', f'parked after {tries} failure(s) in queue '
-            f'{parked_queue(queue)!r}',
+            'parked', f'parked {why} in queue {parked_queue(queue)!r}',
             [('', parked_queue(queue), header, delivery.body)], None)
 
 
-def _copy(header):
-    data = header.as_dict()
-    data['headers'] = dict(header.headers)
-    return gocept.amqprun.message.Header(**data)
+NAMES = (ATTEMPTS, UNSETTLED, ROUTING_KEY, EXPIRATION, ERROR, QUEUE)
+# Set by quorum queues on each delivery; meaningless in a new message.
+DELIVERY_COUNT = 'x-delivery-count'
+
+
+def _copy(delivery):
+    """A copy of the delivery's header to republish it with: our headers
+    under their current names, the original routing key kept, the
+    original expiration restored, the delivery count dropped."""
+    data = delivery.header.as_dict()
+    old = delivery.header.headers
+    dropped = {LEGACY_PREFIX + name for name in NAMES} | {DELIVERY_COUNT}
+    headers = {k: v for k, v in old.items() if k not in dropped}
+    for name in NAMES:
+        value = header(old, name)
+        if value is not None:
+            headers[name] = value
+    headers.setdefault(ROUTING_KEY, delivery.routing_key)
+    data['headers'] = headers
+    copy = gocept.amqprun.message.Header(**data)
+    if EXPIRATION in headers:
+        copy.expiration = headers.pop(EXPIRATION)
+    return copy, headers
+
+
+def republished(delivery):
+    """(exchange, routing key, header, body) that puts `delivery` back
+    into the queue it came from as it is (not counted)."""
+    data = delivery.header.as_dict()
+    data['headers'] = {k: v for k, v in delivery.header.headers.items()
+                       if k != DELIVERY_COUNT}
+    return ('', delivery.source, gocept.amqprun.message.Header(**data),
+            delivery.body)
 
 
 def error_text(error):
-    """The ``x-amqprun-error`` header of a parked message: the error's
+    """The ``amqprun-error`` header of a parked message: the error's
     class and text, at most 1000 characters."""
     text = f'{error.__class__.__name__}: {error}'
     return text[:1000]

@@ -1,5 +1,6 @@
 """The Server: consumes the handlers' queues and sends transactionally."""
 
+import functools
 import logging
 import threading
 import time
@@ -7,6 +8,8 @@ import transaction
 import zope.component
 import zope.interface
 import gocept.amqprun.connection
+import gocept.amqprun.dispatch
+import gocept.amqprun.errors
 import gocept.amqprun.interfaces
 import gocept.amqprun.retry
 import gocept.amqprun.session
@@ -60,7 +63,9 @@ class Server:
     parameters: `parameters.Parameters`.
     setup_handlers: consume the registered IHandler utilities' queues
         (False: only send).
-    workers: the number of worker threads (one channel each).
+    workers: the number of worker threads (one channel each; a worker
+        takes deliveries of other channels when its own has none, see
+        `dispatch`).
     prefetch: unacked deliveries per worker and queue (default 2, in
         confirm mode 20).
     shutdown_timeout: seconds `stop()` waits for running handlers.
@@ -90,15 +95,23 @@ class Server:
         if prefetch is None:
             prefetch = (DEFAULT_CONFIRM_PREFETCH if confirm
                         else DEFAULT_PREFETCH)
+        count = workers if self.handlers else 0
+        self.dispatcher = gocept.amqprun.dispatch.Dispatcher(count)
         self.workers = [gocept.amqprun.worker.Worker(self, i)
-                        for i in range(workers if self.handlers else 0)]
+                        for i in range(count)]
+        self.on_ready = on_ready
         self.connection = gocept.amqprun.connection.Connection(
-            parameters, queues, consumers=len(self.workers),
-            prefetch=prefetch,
-            on_delivery=lambda i: self.workers[i].inbox.put,
-            on_ready=on_ready, confirm=confirm, stats=self.stats)
+            parameters, queues, consumers=count, prefetch=prefetch,
+            on_delivery=lambda i: functools.partial(self.dispatcher.put, i),
+            on_ready=self._on_ready, confirm=confirm, stats=self.stats)
+        self._started = False
         self._stopped = False
         self._failure = None
+
+    def _on_ready(self):
+        self._started = True
+        if self.on_ready is not None:
+            self.on_ready()
 
     @property
     def running(self):
@@ -139,7 +152,8 @@ class Server:
         try:
             self.connection.run()
         finally:
-            self._stop_workers(timeout=0)
+            self.dispatcher.close()
+            self._join_workers(timeout=0)
         if self._failure is not None:
             raise self._failure
 
@@ -156,25 +170,27 @@ class Server:
 
     def stop(self):
         """Stop consuming, let running handlers finish and commit (up to
-        `shutdown_timeout`), close the connection. Thread-safe; must not be
+        `shutdown_timeout`), put the deliveries no handler started back
+        into their queues, close the connection. Thread-safe; must not be
         called from a handler."""
         if self._stopped:
             return
         self._stopped = True
-        log.info('Stopping: cancelling consumers.')
+        if self._started:
+            log.info('Stopping: cancelling consumers.')
         self.connection.cancel_consumers(timeout=5)
-        self._stop_workers(self.shutdown_timeout)
+        unstarted = self.dispatcher.close()
+        self._join_workers(self.shutdown_timeout)
+        self._put_back(unstarted)
         self.connection.close()
         # A broker that does not answer must not hold up the exit.
         self.connection.wait_until_stopped(5)
-        log.info('Stopped.')
+        if self._started:
+            log.info('Stopped.')
 
-    def _stop_workers(self, timeout):
-        """Tell all workers to stop; wait for them up to `timeout` seconds
-        in all."""
-        for worker in self.workers:
-            worker.stopping = True
-            worker.inbox.put(None)
+    def _join_workers(self, timeout):
+        """Wait for the workers (told to stop by closing the dispatcher)
+        up to `timeout` seconds in all."""
         deadline = time.monotonic() + timeout
         for worker in self.workers:
             if worker.is_alive() and worker.ident is not None:
@@ -183,12 +199,42 @@ class Server:
                     log.warning('%s did not finish within %s s; its message '
                                 'returns to the queue.', worker.name, timeout)
 
+    def _put_back(self, items):
+        """Settle the deliveries no handler started: ACK each and, in the
+        same transaction, put it back into its queue as it is -- so that
+        a graceful stop does not count as an unsettled return (which the
+        broker's own requeue would be, see `retry`). A delivery that came
+        back unsettled is counted now, as a worker would have. Whatever
+        cannot be committed is left to the broker, which redelivers it."""
+        by_slot = {}
+        for item in items:
+            if isinstance(item, gocept.amqprun.worker.Retry) \
+                    or not item.current:
+                continue
+            if gocept.amqprun.retry.returns(item):
+                gocept.amqprun.worker.settle(
+                    self, item, self.retry_policy.quarantine(item))
+                continue
+            by_slot.setdefault((item.slot, item.epoch), []).append(item)
+        for (slot, epoch), deliveries in by_slot.items():
+            try:
+                slot.commit(epoch, [gocept.amqprun.retry.republished(d)
+                                    for d in deliveries],
+                            ack=[d.delivery_tag for d in deliveries],
+                            timeout=5)
+            except gocept.amqprun.errors.AMQPError as e:
+                log.warning('Could not put %d unstarted message(s) back (%s); '
+                            'the broker redelivers them.', len(deliveries), e)
+            else:
+                log.info('Put %d unstarted message(s) back into their '
+                         'queue(s).', len(deliveries))
+
     def retry_later(self, delivery, error):
         """Have a worker settle `delivery` through the retry policy
         (thread-safe; the IO thread calls it for a NACKed input)."""
         index = self.connection.consumer_slots.index(delivery.slot)
-        self.workers[index].inbox.put(
-            gocept.amqprun.worker.Retry(delivery, error))
+        self.dispatcher.put(index, gocept.amqprun.worker.Retry(
+            delivery, error))
 
     def send(self, message):
         """Publish `message` when the calling thread's transaction commits

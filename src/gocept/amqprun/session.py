@@ -28,7 +28,9 @@ goes the retry/park way or is redelivered. When the outcome is unknown
 (the connection died after ``Tx.Commit`` was sent: *in doubt*), the
 Session logs it and returns normally: the other managers complete, and
 the broker either has the commit or redelivers the input -- a duplicate
-is possible, a loss is not.
+is possible, a loss is not. Messages sent outside a handler have no
+input to be redelivered: in doubt, they are sent once more before the
+commit returns.
 
 In confirm mode the replies are published with publisher confirms and
 the ACK follows them. When other data managers are in the transaction,
@@ -39,6 +41,7 @@ arrive and hands a NACKed input back to the retry path.
 """
 
 import logging
+import time
 
 import transaction.interfaces
 import zope.interface
@@ -78,7 +81,10 @@ class Session:
     delivery: the `channel.Delivery` being handled, or None.
     received: the IMessage made of it, or None.
     `settled` becomes True once the AMQP commit succeeded or is in doubt:
-    from then on nothing may touch the delivery again.
+    from then on nothing may touch the delivery again. `confirming` is
+    True when the commit returned before the broker confirmed it (confirm
+    mode, alone in the transaction): the server counts the message when
+    the confirms arrive.
     """
 
     def __init__(self, server, delivery=None, received=None,
@@ -89,6 +95,8 @@ class Session:
         self.messages = []
         self.settled = False
         self.in_doubt = False
+        self.confirming = False
+        self._deadline = None
         self.transaction_manager = (
             transaction_manager or transaction.manager)
         self._slot = None
@@ -149,21 +157,24 @@ class Session:
                     f'{delivery.slot}: the channel of the delivery is gone')
         elif self.messages:
             connection = self.server.connection
-            if not connection.wait_until_open(
-                    connection.parameters.send_timeout):
+            timeout = connection.parameters.send_timeout
+            # The commit waits for a channel at most until then.
+            self._deadline = time.monotonic() + timeout
+            if not connection.wait_until_open(timeout):
                 raise ConnectionUnavailable(
-                    'no connection to the broker within '
-                    f'{connection.parameters.send_timeout} s')
+                    f'no connection to the broker within {timeout} s')
 
     def tpc_finish(self, txn):
         publishes = [(m.exchange, m.routing_key, m.header, m.body)
                      for m in self.messages]
         self.messages = []
-        try:
-            if self.delivery is not None:
-                self._commit_delivery(txn, publishes)
-            elif publishes:
+        if self.delivery is None:
+            if publishes:
                 self._commit_sent(publishes)
+            self.settled = True
+            return
+        try:
+            self._commit_delivery(txn, publishes)
         except CommitInDoubt as e:
             self.settled = self.in_doubt = True
             self._log_in_doubt(e, publishes)
@@ -179,8 +190,10 @@ class Session:
         elif not publishes or not has_other_resources(txn, self):
             # Nothing must finish after the confirms: the IO thread ACKs
             # when they arrive, or hands a NACKed input back.
+            self.confirming = True
             slot.commit(delivery.epoch, publishes, ack=delivery.delivery_tag,
-                        wait=False, on_failure=self._unconfirmed)
+                        wait=False, on_failure=self._unconfirmed,
+                        on_success=self._confirmed)
         else:
             slot.commit(delivery.epoch, publishes)
             txn.addAfterCommitHook(self._ack_last)
@@ -191,16 +204,35 @@ class Session:
             delivery.slot.commit(delivery.epoch, ack=delivery.delivery_tag,
                                  wait=False)
 
+    def _confirmed(self):
+        """IO thread: the replies of a non-waiting confirm commit are
+        confirmed and the input ACKed."""
+        self.server.stats.message(self.delivery.queue, 'handled')
+
     def _unconfirmed(self, error):
         """IO thread: the broker NACKed a reply of an input (confirm mode,
         nobody waiting): hand the input back to the retry path."""
         self.server.retry_later(self.delivery, error)
 
     def _commit_sent(self, publishes):
+        """Commit messages sent outside a handler. In doubt, they are sent
+        once more (a duplicate is possible, a loss is not): the commit
+        returns when that succeeded and raises when it did not."""
         connection = self.server.connection
         slot = connection.acquire_sender()
         try:
-            slot.commit(None, publishes)
+            timeout = None
+            if self._deadline is not None:
+                timeout = max(0.1, self._deadline - time.monotonic())
+            try:
+                slot.commit(None, publishes, timeout=timeout)
+            except CommitInDoubt as e:
+                self._log_in_doubt(e, publishes)
+                self.server.stats.commit_in_doubt()
+                slot.commit(None, publishes)
+                log.warning('Sent %d message(s) again after a commit in '
+                            'doubt (a duplicate is possible).',
+                            len(publishes))
         finally:
             connection.release_sender(slot)
 
@@ -214,9 +246,8 @@ class Session:
                 error, len(publishes))
         else:
             log.warning(
-                'Commit in doubt: %d message(s) %s (%s). The broker either '
-                'has them or not; the other resources of the transaction '
-                'commit.', len(publishes),
+                'Commit in doubt: %d message(s) %s (%s). The broker may or '
+                'may not have them; sending them again.', len(publishes),
                 ', '.join(str(p[2].message_id) for p in publishes[:5]),
                 error)
 

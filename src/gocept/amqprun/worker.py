@@ -14,7 +14,6 @@ broker, which redelivers it.
 
 import hashlib
 import logging
-import queue
 import threading
 import time
 
@@ -35,7 +34,7 @@ class BrokerRefused(Exception):
 
 
 class Retry:
-    """An inbox item: settle `delivery`, which failed with `error`,
+    """A dispatcher item: settle `delivery`, which failed with `error`,
     through the retry policy (a NACKed input in confirm mode)."""
 
     def __init__(self, delivery, error):
@@ -44,34 +43,38 @@ class Retry:
 
 
 class Worker(threading.Thread):
-    """Handles the deliveries put into `inbox` until it gets None."""
+    """Handles what the server's dispatcher gives it for slot `index`
+    until the dispatcher is closed."""
 
     def __init__(self, server, index):
         super().__init__(name=f'amqprun-worker-{index}', daemon=True)
         self.server = server
-        self.inbox = queue.SimpleQueue()
-        self.stopping = False
+        self.index = index
 
     def run(self):
+        dispatcher = self.server.dispatcher
         while True:
-            item = self.inbox.get()
+            item = dispatcher.get(self.index)
             if item is None:
                 return
-            if self.stopping:
-                # Unhandled deliveries go back to the queue when the
-                # channel closes.
-                continue
             try:
                 if isinstance(item, Retry):
                     self.failed(item.delivery, item.error)
                 elif not item.current:
                     log.debug('Dropping delivery %s of a closed channel.',
                               item.delivery_tag)
+                elif gocept.amqprun.retry.returns(item):
+                    self.quarantine(item)
                 else:
                     self.handle(item)
             except Exception:
                 # handle() logs what it can; a worker never dies.
                 log.exception('Unexpected error in %s', self.name)
+
+    def quarantine(self, delivery):
+        """`delivery` came back unsettled: count it (see `retry`)."""
+        settle(self.server, delivery,
+               self.server.retry_policy.quarantine(delivery))
 
     def handle(self, delivery):
         server = self.server
@@ -79,7 +82,8 @@ class Worker(threading.Thread):
         message = gocept.amqprun.message.Message(
             delivery.header, delivery.body, delivery.delivery_tag,
             routing_key=gocept.amqprun.retry.original_routing_key(delivery),
-            redelivered=delivery.redelivered)
+            redelivered=delivery.redelivered or bool(
+                gocept.amqprun.retry.unsettled(delivery.header)))
         message_id = message.header.message_id
         refusals = server.refusals
         key = message_id or hashlib.sha1(delivery.body).hexdigest()
@@ -125,7 +129,8 @@ class Worker(threading.Thread):
         else:
             if refused:
                 refusals.forget(key)
-            stats.message(delivery.queue, 'handled')
+            if not session.confirming:
+                stats.message(delivery.queue, 'handled')
             log.debug('Handled message %s from queue %r',
                       message_id, delivery.queue)
         finally:
@@ -165,32 +170,38 @@ class Worker(threading.Thread):
             log.exception('Could not delete old outbox records')
 
     def failed(self, delivery, error, park=False):
-        """Settle a failed delivery as the server's RetryPolicy says: ACK it
-        and republish it for a retry or park it, in one AMQP transaction.
-        A delivery whose channel is gone is left to the broker."""
-        message_id = delivery.header.message_id
-        if not delivery.current:
-            log.warning('Message %s from queue %r: its channel is gone; '
-                        'the broker redelivers it.', message_id,
-                        delivery.queue)
-            return
-        decision = self.server.retry_policy.decide(delivery, error, park=park)
-        try:
-            delivery.slot.commit(
-                delivery.epoch, decision.publishes,
-                ack=None if decision.reject else delivery.delivery_tag,
-                reject=decision.reject)
-        except gocept.amqprun.errors.CommitInDoubt as e:
-            self.server.stats.commit_in_doubt()
-            log.warning('Commit in doubt: message %s from queue %r, %s (%s); '
-                        'the broker either has it or redelivers the message.',
-                        message_id, delivery.queue, decision.description, e)
-        except gocept.amqprun.errors.AMQPError as e:
-            log.warning('Message %s from queue %r: could not commit its '
-                        '%s (%s); the broker redelivers it.', message_id,
-                        delivery.queue, decision.description, e)
-        else:
-            self.server.stats.message(delivery.queue, decision.outcome)
-            (log.warning if decision.outcome == 'retried' else log.error)(
-                'Message %s from queue %r: %s.', message_id, delivery.queue,
-                decision.description)
+        """Settle a failed delivery as the server's RetryPolicy says."""
+        settle(self.server, delivery,
+               self.server.retry_policy.decide(delivery, error, park=park))
+
+
+def settle(server, delivery, decision):
+    """Commit `decision` (a `retry.Decision`) for `delivery`: ACK it and
+    publish the decision's copies, or reject it, in one AMQP transaction
+    on its channel. A delivery whose channel is gone is left to the
+    broker, which redelivers it."""
+    message_id = delivery.header.message_id
+    if not delivery.current:
+        log.warning('Message %s from queue %r: its channel is gone; the '
+                    'broker redelivers it.', message_id, delivery.queue)
+        return
+    try:
+        delivery.slot.commit(
+            delivery.epoch, decision.publishes,
+            ack=None if decision.reject else delivery.delivery_tag,
+            reject=decision.reject)
+    except gocept.amqprun.errors.CommitInDoubt as e:
+        server.stats.commit_in_doubt()
+        log.warning('Commit in doubt: message %s from queue %r, %s (%s); '
+                    'the broker either has it or redelivers the message.',
+                    message_id, delivery.queue, decision.description, e)
+    except gocept.amqprun.errors.AMQPError as e:
+        log.warning('Message %s from queue %r: could not commit its %s '
+                    '(%s); the broker redelivers it.', message_id,
+                    delivery.queue, decision.description, e)
+    else:
+        server.stats.message(delivery.queue, decision.outcome)
+        level = logging.ERROR if decision.outcome == 'parked' \
+            else logging.WARNING
+        log.log(level, 'Message %s from queue %r: %s.', message_id,
+                delivery.queue, decision.description)

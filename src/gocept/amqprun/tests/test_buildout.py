@@ -81,7 +81,7 @@ def test_buildout_serverctl_runs_the_example(
     assert f"main('{d}/etc/server.conf')" in (d / 'bin' / 'server').read_text()
     reply_queue = amqp_client.declare(
         f'{name_prefix}.replies', [f'{name_prefix}.reply'])
-    for suffix in ('', '.retry', '.parked'):
+    for suffix in ('', '.retry', '.parked', '.quarantine'):
         amqp_client.forget(f'{name_prefix}.requests{suffix}')
 
     serverctl = d / 'bin' / 'serverctl'

@@ -68,7 +68,8 @@ def test_lists_handlers_and_reports_missing_queues(
     assert f'ERROR: {name_prefix}.in: missing on the broker' in out
     assert f'ERROR: {name_prefix}.in.retry: missing' in out
     assert f'ERROR: {name_prefix}.in.parked: missing' in out
-    assert '3 problem(s).' in out
+    assert f'ERROR: {name_prefix}.in.quarantine: missing' in out
+    assert '4 problem(s).' in out
     # Passive: the check created nothing.
     assert not amqp_client.exists(f'{name_prefix}.in')
     assert not amqp_client.exists(f'{name_prefix}.in.retry')
@@ -80,7 +81,7 @@ def test_agrees_with_what_the_daemon_declared(
     config = configure(name_prefix, zcml)
     process = server_process(
         handlers=HANDLERS.format(p=name_prefix), zcml=zcml)
-    for suffix in ('', '.retry', '.parked'):
+    for suffix in ('', '.retry', '.parked', '.quarantine'):
         amqp_client.forget(f'{name_prefix}.in{suffix}')
     assert process.stop() == 0
     code, out = run_check(capsys, config)
@@ -94,6 +95,7 @@ def test_reports_different_arguments_without_changing_the_queue(
     config = configure(name_prefix, FIRST, worker_extra='  retries 0\n')
     amqp_client.declare(f'{name_prefix}.in', arguments={'x-max-length': 5})
     amqp_client.declare(f'{name_prefix}.in.parked')
+    amqp_client.declare(f'{name_prefix}.in.quarantine')
     amqp_client.send(f'{name_prefix}.x', b'')  # nothing bound: no-op
     code, out = run_check(capsys, config)
     assert code == 1

@@ -134,9 +134,10 @@ class Scenario:
         self.out = client.declare(f'{prefix}.out', [f'{prefix}.out'])
         self.parked = f'{self.queue}.parked'
         self.retry = f'{self.queue}.retry'
-        # Declared by the daemon for retries and parking.
+        # Declared by the daemon for retries, parking and quarantine.
         client.forget(self.retry)
         client.forget(self.parked)
+        client.forget(f'{self.queue}.quarantine')
         self.server_process = server_process
         self.files = directory / 'files'
         self.database_url = database_url

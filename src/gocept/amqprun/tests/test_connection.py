@@ -66,6 +66,7 @@ def test_deleted_queue_is_redeclared_and_consumed_again(
     amqp_client.forget(f'{name_prefix}.in')
     amqp_client.forget(f'{name_prefix}.in.parked')
     amqp_client.forget(f'{name_prefix}.in.retry')
+    amqp_client.forget(f'{name_prefix}.in.quarantine')
     server = gocept.amqprun.server.Server(
         gocept.amqprun.testing.environment_parameters(retry_delay=0.1),
         workers=2)
@@ -98,7 +99,7 @@ def test_commit_after_channel_loss_raises_channel_lost(
         return [gocept.amqprun.message.Message(
             {}, message.body, routing_key=f'{name_prefix}.out')]
     zca.registerUtility(handle, gocept.amqprun.interfaces.IHandler, 'h')
-    for suffix in ('in', 'in.parked', 'in.retry'):
+    for suffix in ('in', 'in.parked', 'in.retry', 'in.quarantine'):
         amqp_client.forget(f'{name_prefix}.{suffix}')
     out = amqp_client.declare(f'{name_prefix}.out', [f'{name_prefix}.out'])
     proxy = gocept.amqprun.testing.Proxy.to(amqp_parameters)

@@ -92,6 +92,7 @@ class Echo:
         # Declared by the daemon for retries and parking.
         client.forget(f'{self.queue}.retry')
         client.forget(f'{self.queue}.parked')
+        client.forget(f'{self.queue}.quarantine')
 
     def process(self, start=True, timeout=30):
         process = ServerProcess(

@@ -80,6 +80,7 @@ def daemon(server_process, amqp_client, name_prefix):
         amqp_client.forget(f'{name_prefix}.{queue}')
         amqp_client.forget(f'{name_prefix}.{queue}.retry')
         amqp_client.forget(f'{name_prefix}.{queue}.parked')
+        amqp_client.forget(f'{name_prefix}.{queue}.quarantine')
     amqp_client.declare(f'{name_prefix}.out', [f'{name_prefix}.out'])
     return server_process(
         handlers=HANDLERS.format(prefix=name_prefix), zcml=ZCML,

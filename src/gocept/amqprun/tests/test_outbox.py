@@ -99,7 +99,7 @@ def serve(amqp_parameters, amqp_client, zca, name_prefix):
                             'handler')
         if outbox is not None:
             zca.registerUtility(outbox, gocept.amqprun.interfaces.IOutbox)
-        for suffix in ('', '.retry', '.parked'):
+        for suffix in ('', '.retry', '.parked', '.quarantine'):
             amqp_client.forget(f'{handler.queue_name}{suffix}')
         kw.setdefault('retry_policy', gocept.amqprun.retry.RetryPolicy(
             retries=0))

@@ -26,8 +26,8 @@ def run_server(amqp_parameters, amqp_client, zca):
 
     def factory(**kw):
         server = gocept.amqprun.server.Server(amqp_parameters, **kw)
-        for handler in server.handlers.values():
-            amqp_client.forget(handler.queue_name)
+        for queue in server.connection.queues:
+            amqp_client.forget(queue.name)
         runner = gocept.amqprun.testing.ServerThread(server).start()
         servers.append(runner)
         return server

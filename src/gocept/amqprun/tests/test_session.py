@@ -67,7 +67,7 @@ class StubSlot:
         self.commits = []
 
     def commit(self, epoch=None, publishes=(), ack=None, reject=None,
-               timeout=None, wait=True, on_failure=None):
+               timeout=None, wait=True, on_failure=None, on_success=None):
         self.journal.append('AMQP commit')
         self.commits.append(dict(publishes=len(publishes), ack=ack,
                                  wait=wait))

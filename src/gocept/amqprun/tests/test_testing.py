@@ -158,7 +158,7 @@ def test_server_process_with_client(server_process, amqp_client, name_prefix):
                     routing_key='{name_prefix}.reply')]
         """,
         zcml='<utility component="handlers.shout" name="shout" />')
-    for suffix in ('', '.retry', '.parked'):
+    for suffix in ('', '.retry', '.parked', '.quarantine'):
         amqp_client.forget(f'{name_prefix}.requests{suffix}')
     replies = amqp_client.declare(
         f'{name_prefix}.replies', [f'{name_prefix}.reply'])

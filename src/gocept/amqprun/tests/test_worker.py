@@ -61,7 +61,7 @@ def test_failure_then_success_is_retried_with_delay(
     # The handler always sees the original routing key and message-id.
     assert {m.routing_key for m in tries} == {f'{name_prefix}.in'}
     assert {m.header.message_id for m in tries} == {msgid}
-    assert [m.header.headers.get('x-amqprun-attempts') for m in tries] == [
+    assert [m.header.headers.get('amqprun-attempts') for m in tries] == [
         None, 1, 2]
     assert amqp_client.get(out) is None
     assert f'Handling message {msgid} from queue' in caplog.text
@@ -90,10 +90,10 @@ def test_poison_message_is_parked_while_others_pass(
     assert parked.body == b'poison'
     assert parked.header.message_id == poison_id
     assert parked.header.headers['x-custom'] == 'kept'
-    assert parked.header.headers['x-amqprun-attempts'] == 3
-    assert parked.header.headers['x-amqprun-error'] == (
+    assert parked.header.headers['amqprun-attempts'] == 3
+    assert parked.header.headers['amqprun-error'] == (
         'ValueError: cannot digest')
-    assert parked.header.headers['x-amqprun-queue'] == f'{name_prefix}.in'
+    assert parked.header.headers['amqprun-queue'] == f'{name_prefix}.in'
     assert len(poison_tries) == 3
     assert amqp_client.count(f'{name_prefix}.in') == 0
     # The worker logs after its commit returned: the client may be first.
@@ -111,7 +111,7 @@ def test_parking_with_error_routing_key(start, amqp_client, name_prefix):
     amqp_client.send(f'{name_prefix}.in', b'x')
     parked = amqp_client.wait(errors)
     assert parked.body == b'x'
-    assert 'ZeroDivisionError' in parked.header.headers['x-amqprun-error']
+    assert 'ZeroDivisionError' in parked.header.headers['amqprun-error']
     assert not amqp_client.exists(f'{name_prefix}.in.parked')
 
 
