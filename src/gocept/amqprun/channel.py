@@ -8,7 +8,7 @@ thread touches pika. Here are the objects that cross it:
   `Outcome`. Every other method of a Slot runs in the IO thread.
 - `Delivery`: a received message as a worker gets it, tied to the slot
   and the epoch (the pika channel) it came on.
-- `Outcome`: the one-shot result the IO thread hands back.
+- `outcome.Outcome`: the one-shot result the IO thread hands back.
 
 A slot's `epoch` counts the pika channels it has had. A delivery
 remembers the epoch it came with; settling it on a later epoch is refused
@@ -32,7 +32,6 @@ delivery (which is then not ACKed); a lost channel before the confirms of
 mere publishes leaves them in doubt (`CommitInDoubt`).
 """
 
-import _thread
 import collections
 import functools
 import logging
@@ -43,75 +42,12 @@ import pika.spec
 from gocept.amqprun.errors import ChannelLost
 from gocept.amqprun.errors import CommitInDoubt
 from gocept.amqprun.errors import ConnectionUnavailable
+from gocept.amqprun.outcome import Outcome
 import gocept.amqprun.errors
 import gocept.amqprun.properties
 
 
 log = logging.getLogger(__name__)
-
-
-class Outcome:
-    """The one-shot result of work handed to the IO thread.
-
-    Like a `concurrent.futures.Future` reduced to what a commit needs (on a
-    bare lock: a commit's hand-back is on the hot path).
-    """
-
-    __slots__ = ('_done', '_state', '_value', '_error', 'log_errors',
-                 'on_nack', 'on_success', 'settles')
-    _guard = _thread.allocate_lock()
-    PENDING, RUNNING, CANCELLED, DONE = range(4)
-
-    def __init__(self):
-        self._done = _thread.allocate_lock()
-        self._done.acquire()
-        self._state = self.PENDING
-        self._value = self._error = None
-        self.log_errors = False     # nobody waits: log a failure
-        self.on_nack = None         # confirm mode, nobody waits
-        self.on_success = None      # confirm mode, nobody waits
-        self.settles = False        # it ACKs/rejects a delivery
-
-    def set_running_or_notify_cancel(self):
-        """IO thread: False if the waiter gave up (then do nothing)."""
-        with self._guard:
-            if self._state == self.CANCELLED:
-                return False
-            self._state = self.RUNNING
-            return True
-
-    def cancel(self):
-        """Waiter: give up unless the IO thread started; True if so."""
-        with self._guard:
-            if self._state == self.PENDING:
-                self._state = self.CANCELLED
-            return self._state == self.CANCELLED
-
-    def set_result(self, value):
-        self._value = value
-        self._finish()
-
-    def set_exception(self, error):
-        self._error = error
-        if self.log_errors:
-            log.warning('A commit nobody waits for failed: %s', error)
-        self._finish()
-
-    def _finish(self):
-        if self._state != self.DONE:
-            self._state = self.DONE
-            self._done.release()
-
-    def result(self, timeout=None):
-        """Wait for the outcome; raise TimeoutError after `timeout`."""
-        if self._state != self.DONE:
-            if not self._done.acquire(
-                    timeout=-1 if timeout is None else timeout):
-                raise TimeoutError()
-            self._done.release()
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 class Delivery:
@@ -160,6 +96,9 @@ class Slot:
         self.name = name
         self.on_delivery = on_delivery
         self.epoch = 0
+        # Deliveries of this slot a worker is handling (workers add and
+        # remove them; the IO thread only copies it).
+        self.handling = set()
         # IO thread only:
         self.channel = None
         self.opening = False
@@ -388,6 +327,23 @@ class Slot:
                 steps.pop(0)(callback=next_step)
             else:
                 self._on_ready()
+        next_step()
+
+    def consume_more(self, queues):
+        """Start consuming `queues` too (declared after the others)."""
+        if not self.usable or self.on_delivery is None:
+            return
+        steps = []
+        for prefetch, group in self.connection.consumption(self, queues):
+            steps.append(functools.partial(
+                self.channel.basic_qos,
+                prefetch_count=prefetch or self.connection.prefetch))
+            steps.extend(functools.partial(self._consume, queue)
+                         for queue in group)
+
+        def next_step(frame=None):
+            if steps and self.usable:
+                steps.pop(0)(callback=next_step)
         next_step()
 
     def _consume(self, queue, callback):

@@ -8,7 +8,7 @@ thread calls pika. Other threads use only the methods marked *thread-safe*
 (here and in `channel`): they hand work to the IO thread with
 `Connection.call`, which wakes the IO loop through pika's one thread-safe
 entry (``add_callback_threadsafe``), and, where they need the outcome,
-wait for a `channel.Outcome` that the IO thread resolves. Handlers never
+wait for an `outcome.Outcome` that the IO thread resolves. Handlers never
 run in the IO thread, so heartbeats flow while a handler works. Every
 method not marked thread-safe runs in the IO thread.
 
@@ -19,6 +19,7 @@ connection of its own for the check command) and the test client in
 
 import functools
 import logging
+import random
 import threading
 
 import pika
@@ -30,6 +31,8 @@ from gocept.amqprun.errors import ConnectionFailed
 from gocept.amqprun.errors import ConnectionUnavailable
 from gocept.amqprun.errors import reason
 from gocept.amqprun.parameters import safe_url
+import gocept.amqprun.declaration
+import gocept.amqprun.errors
 import gocept.amqprun.topology
 import gocept.amqprun.transport
 
@@ -74,7 +77,15 @@ class Connection:
         self._failure = None
         self._closing = False
         self._ever_connected = False
+        self._ever_declared = False
+        self._declaration = None
+        self._missing = set()     # queues the broker refused to declare
+        self._missing_attempts = 0
         self._attempt = 0
+        # Several processes with the same addresses spread over them.
+        self._start = random.randrange(
+            len(parameters.pika_parameters()) or 1)
+        self._current = 0
         self._pika = None
         self._ioloop = None
         self._pending_calls = []
@@ -212,7 +223,8 @@ class Connection:
 
     def _connect(self):
         candidates = self.parameters.pika_parameters()
-        params = candidates[self._attempt % len(candidates)]
+        self._current = (self._start + self._attempt) % len(candidates)
+        params = candidates[self._current]
         self._attempt += 1
         log.info('Connecting to %s', safe_url(params))
         self._pika = pika.SelectConnection(
@@ -232,7 +244,9 @@ class Connection:
             lambda *a: log.warning('The broker blocks publishing (alarm).'))
         connection.add_on_connection_unblocked_callback(
             lambda *a: log.info('The broker unblocked publishing.'))
-        connection.channel(on_open_callback=self._declare)
+        self._declaration = gocept.amqprun.declaration.Declaration(
+            self.open_channel, self.queues, self._declared)
+        self._declaration.start()
 
     def _on_open_error(self, connection, error):
         self._pika = None
@@ -263,6 +277,11 @@ class Connection:
         self._ready.clear()
         self._open.clear()
         self._pika = None
+        if self._declaration is not None:
+            self._declaration.cancel()
+            self._declaration = None
+        # Start again with the next address.
+        self._start = self._current + 1
         for slot in self._all_slots():
             slot.lost(why)
         if self._closing or self._failure is not None:
@@ -279,38 +298,42 @@ class Connection:
             log.error('Reconnecting: %s', why)
             self._pika.close(320, 'reconnecting')
 
-    def _declare(self, channel):
-        steps = []
-        for queue in self.queues:
-            steps.append((
-                f'declaring queue {queue.name!r} with arguments '
-                f'{queue.arguments!r}',
-                functools.partial(
-                    channel.queue_declare, queue.name, durable=True,
-                    arguments=queue.arguments)))
-            for key in queue.routing_keys:
-                steps.append((
-                    f'binding queue {queue.name!r} to {key!r}',
-                    functools.partial(
-                        channel.queue_bind, queue.name, 'amq.topic',
-                        routing_key=key)))
-        current = [None]
+    def _declared(self, declared, refused):
+        """All queues declared but `refused` ({queue: why})."""
+        self._declaration = None
+        if refused and not self._ever_declared:
+            # At start-up a refusal is a configuration error.
+            self._fatal(ConnectionFailed(next(iter(refused.values()))))
+            return
+        self._ever_declared = True
+        self._missing = set(refused)
+        if refused:
+            self._missing_attempts += 1
+            delay = min(self.parameters.retry_delay * 2 ** (
+                self._missing_attempts - 1), self.parameters.max_retry_delay)
+            for why in refused.values():
+                log.error('%s; consuming the other queues, trying again in '
+                          '%.1f s', why, delay)
+            self._ioloop.call_later(delay, self._declare_missing)
+        else:
+            self._missing_attempts = 0
+        if self._open.is_set():
+            # Queues declared again later: consume them now.
+            added = [q for q in declared if q.consume]
+            for slot in self.consumer_slots:
+                slot.consume_more(added)
+            self._check_ready()
+        else:
+            self._open_slots()
 
-        def on_close(channel, why):
-            if current[0] is not None and not self._closing:
-                self._fatal(ConnectionFailed(
-                    f'The broker refused {current[0]}: {reason(why)}'))
-
-        def next_step(frame=None):
-            if not steps:
-                current[0] = None
-                channel.close()
-                self._open_slots()
-                return
-            current[0], step = steps.pop(0)
-            step(callback=next_step)
-        channel.add_on_close_callback(on_close)
-        next_step()
+    def _declare_missing(self):
+        if not self.is_open() or not self._missing \
+                or self._declaration is not None:
+            return
+        missing = [q for q in self.queues if q in self._missing]
+        self._declaration = gocept.amqprun.declaration.Declaration(
+            self.open_channel, missing, self._declared)
+        self._declaration.start()
 
     def _open_slots(self):
         self._open.set()
@@ -333,22 +356,29 @@ class Connection:
         if self.is_open() and slot.channel is None and not slot.opening:
             slot.open()
 
-    def consumption(self, slot):
-        """[(prefetch or None, [queues])] that consumer `slot` consumes
-        (see `topology.consumption`)."""
+    def consumption(self, slot, queues=None):
+        """[(prefetch or None, [queues])] that consumer `slot` consumes of
+        `queues` (default: all declared; see `topology.consumption`)."""
+        if queues is None:
+            queues = [q for q in self.queues if q not in self._missing]
         return gocept.amqprun.topology.consumption(
-            self.queues, first=slot is self.consumer_slots[0])
+            queues, first=slot is self.consumer_slots[0])
 
     def slot_ready(self, slot):
         """`slot` has opened its channel (and consumes, if it should)."""
-        if all(s.channel is not None and not s.opening
-               for s in self.consumer_slots):
-            if not self._ready.is_set():
-                log.info('Consuming from %d queue(s) on %d channel(s)',
-                         len([q for q in self.queues
-                              if q.consume and not q.single]),
-                         len(self.consumer_slots))
-            self._set_ready()
+        self._check_ready()
+
+    def _check_ready(self):
+        if self._missing or not all(
+                s.channel is not None and not s.opening
+                for s in self.consumer_slots):
+            return
+        if not self._ready.is_set():
+            log.info('Consuming from %d queue(s) on %d channel(s)',
+                     len([q for q in self.queues
+                          if q.consume and not q.single]),
+                     len(self.consumer_slots))
+        self._set_ready()
 
     def slot_closed(self, slot, why):
         """The broker closed the channel of `slot`: reopen it later, or
@@ -362,6 +392,14 @@ class Connection:
             self.reconnect(f'{slot}: {reason(why)}')
             return
         delay = self.parameters.retry_delay
+        if gocept.amqprun.errors.timed_out(why):
+            being_handled = sorted(f'{d.header.message_id} from {d.source!r}'
+                                   for d in list(slot.handling))
+            log.error('%s: a delivery stayed unacknowledged longer than its '
+                      'consumer timeout. Being handled: %s. The channel\'s '
+                      'deliveries return and count as unsettled; raise the '
+                      'broker\'s consumer_timeout or shorten the handler.',
+                      slot, ', '.join(being_handled) or 'nothing')
         log.warning('%s: channel closed by the broker (%s); reopening in '
                     '%.1f s', slot, reason(why), delay)
         self._ioloop.call_later(delay, functools.partial(

@@ -83,3 +83,11 @@ def reason(error):
     name = error.__class__.__name__
     text = str(error) or repr(error)
     return text if text.startswith(name) else f'{name}: {text}'
+
+
+def timed_out(why):
+    """Whether the broker closed a channel because a delivery was not
+    acknowledged within its consumer timeout."""
+    return (getattr(why, 'reply_code', None) == 406
+            and 'acknowledgement' in str(getattr(why, 'reply_text', ''))
+            and 'timed out' in str(getattr(why, 'reply_text', '')))

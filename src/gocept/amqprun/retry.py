@@ -168,12 +168,19 @@ class RetryPolicy:
         result = [gocept.amqprun.topology.Queue(
             quarantine_queue(name), arguments=typed or None, prefetch=1,
             single=True, handler_queue=name)]
+        dead_lettering = {'x-dead-letter-exchange': '',
+                          'x-dead-letter-routing-key': name}
+        if typed.get('x-queue-type') == 'quorum':
+            # Dead-lettering is at-most-once unless the source is a quorum
+            # queue that asks for at-least-once (which needs this
+            # overflow mode): then no retry is lost when a node goes.
+            dead_lettering.update({
+                'x-dead-letter-strategy': 'at-least-once',
+                'x-overflow': 'reject-publish'})
         for delay in self.delays:
             result.append(gocept.amqprun.topology.Queue(
                 self._retry_queue(name, delay), consume=False,
-                arguments=dict(typed, **{
-                    'x-dead-letter-exchange': '',
-                    'x-dead-letter-routing-key': name})))
+                arguments=dict(typed, **dead_lettering)))
         if self.park == 'queue' and not self.error_routing_key:
             result.append(gocept.amqprun.topology.Queue(
                 parked_queue(name), arguments=typed or None, consume=False))

@@ -102,11 +102,18 @@ class Server:
         self.on_ready = on_ready
         self.connection = gocept.amqprun.connection.Connection(
             parameters, queues, consumers=count, prefetch=prefetch,
-            on_delivery=lambda i: functools.partial(self.dispatcher.put, i),
+            on_delivery=lambda i: functools.partial(self._dispatch, i),
             on_ready=self._on_ready, confirm=confirm, stats=self.stats)
         self._started = False
         self._stopped = False
         self._failure = None
+
+    def _dispatch(self, index, delivery):
+        """IO thread: hand `delivery` of consumer slot `index` to the
+        workers; one from an auxiliary queue (the quarantine) runs
+        alone."""
+        self.dispatcher.put(index, delivery,
+                            isolated=delivery.source != delivery.queue)
 
     def _on_ready(self):
         self._started = True

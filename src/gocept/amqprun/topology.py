@@ -36,6 +36,9 @@ class Queue:
             return NotImplemented
         return self._key() == other._key()
 
+    def __hash__(self):
+        return hash(self.name)
+
 
 def queues_for(handlers, retry_policy):
     """The queues for `handlers` (IHandler objects): each handler's queue

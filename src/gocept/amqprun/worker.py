@@ -100,6 +100,7 @@ class Worker(threading.Thread):
         session = gocept.amqprun.session.Session.join(
             server, txn, delivery, message)
         stats.started()
+        delivery.slot.handling.add(delivery)
         try:
             started = time.perf_counter()
             try:
@@ -134,6 +135,7 @@ class Worker(threading.Thread):
             log.debug('Handled message %s from queue %r',
                       message_id, delivery.queue)
         finally:
+            delivery.slot.handling.discard(delivery)
             stats.finished()
         self.prune_outbox()
 

@@ -68,8 +68,10 @@ def port_open(host, port, timeout=1):
 class PrivateBroker:
     """A RabbitMQ node of its own in a temporary directory.
 
-    `config` is extra rabbitmq.conf text (e.g. a TLS listener). Needs
-    Debian's rabbitmq-server package.
+    `config` is extra rabbitmq.conf text (e.g. a TLS listener),
+    `advanced` the terms of an advanced.config (e.g. ``{rabbit,
+    [{channel_tick_interval, 500}]}``). Needs Debian's rabbitmq-server
+    package.
 
     For a node of a cluster (see `cluster.PrivateCluster`): `directory`
     is the node's directory (created; default: a new temporary one),
@@ -82,11 +84,12 @@ class PrivateBroker:
     CTL = '/usr/lib/rabbitmq/bin/rabbitmqctl'
 
     def __init__(self, config='', port=None, *, directory=None, home=None,
-                 env=None):
+                 env=None, advanced=''):
         self.port = port or free_port()
         self.dist_port = free_port()
         self.name = f'amqprun{self.port}@localhost'
         self.config = config
+        self.advanced = advanced
         if directory is None:
             directory = tempfile.mkdtemp(prefix='amqprun-broker-')
         self.dir = pathlib.Path(directory)
@@ -114,6 +117,7 @@ class PrivateBroker:
             RABBITMQ_PID_FILE=str(d / 'pid'),
             RABBITMQ_ENABLED_PLUGINS_FILE=str(d / 'enabled_plugins'),
             RABBITMQ_CONFIG_FILE=str(d / 'rabbitmq'),
+            RABBITMQ_ADVANCED_CONFIG_FILE=str(d / 'advanced.config'),
         )
         env.update(self.extra_env)
         return env
@@ -137,6 +141,8 @@ class PrivateBroker:
         (self.dir / 'rabbitmq.conf').write_text(
             f'listeners.tcp.default = {self.port}\n'
             'loopback_users = none\n' + self.config)
+        (self.dir / 'advanced.config').write_text(
+            f'[{self.advanced}].\n')
         self.process = subprocess.Popen(
             [self.SERVER], env=self.env, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
