@@ -1,8 +1,12 @@
 # Daily use from a checkout (see README.txt). Needs python3 (>= 3.11) with
-# venv, and a RabbitMQ broker on localhost:5672 for `run` and `start`.
+# venv; `start` and `check` need a RabbitMQ broker on localhost:5672, `run`
+# starts a private one if none answers there and Debian's rabbitmq-server
+# is installed (etc/run_example.py).
 #
 #   make run      set up .venv and run the example daemon in the foreground
 #   make test     set up .venv and run the tests
+#   make tox      the tests on every supported Python found (tox.ini;
+#                 TOXENV=py312-fast make tox: one, the fast tests only)
 #   make start / status / stop   the example daemon under zdaemon (var/)
 #   make check    check etc/server.conf against the broker
 #   make buildout the buildout deployment (bin/server, bin/serverctl)
@@ -11,8 +15,12 @@ PYTHON ?= python3
 VENV = .venv
 # The example handler module (etc/example.py) must be importable.
 RUN = PYTHONPATH=etc $(VENV)/bin/server
+# pyenv's interpreters of the supported versions, for tox to find.
+PYENV_ROOT ?= $(HOME)/.pyenv
+PYENV_VERSIONS = $(PYENV_ROOT)/versions/3.1[1-3].*
+PYENV_PYTHONS = $(wildcard $(PYENV_VERSIONS)/bin/python3.1[1-3])
 
-.PHONY: venv install run start status stop check test buildout clean
+.PHONY: venv install run start status stop check test tox buildout clean
 
 venv: $(VENV)/bin/python
 
@@ -26,7 +34,7 @@ $(VENV)/.installed: $(VENV)/bin/python setup.py
 	touch $@
 
 run: install
-	$(RUN) etc/server.conf
+	PYTHONPATH=etc $(VENV)/bin/python etc/run_example.py etc/server.conf
 
 var:
 	mkdir -p var
@@ -41,14 +49,18 @@ stop: install
 	$(VENV)/bin/zdaemon -C etc/zdaemon.conf stop
 
 check: install
-	$(RUN) --check etc/server.conf
+	$(RUN) check etc/server.conf
 
 test: install
 	$(VENV)/bin/pytest
+
+tox: install
+	$(VENV)/bin/pip install -q 'tox >= 4'
+	$(VENV)/bin/tox $(if $(PYENV_PYTHONS),--discover $(PYENV_PYTHONS))
 
 buildout: $(VENV)/bin/python
 	$(VENV)/bin/pip install zc.buildout
 	$(VENV)/bin/buildout
 
 clean:
-	rm -rf $(VENV) bin parts develop-eggs eggs .installed.cfg var
+	rm -rf $(VENV) .tox bin parts develop-eggs eggs .installed.cfg var

@@ -43,6 +43,9 @@ setup(
         'zope.exceptions >= 5.0',
         # Process management (zdaemon configuration in etc/).
         'zdaemon >= 5.0',
+        # <monitor>: /metrics in Prometheus' format (pure Python, no
+        # dependencies; imported only when the section is configured).
+        'prometheus_client >= 0.17',
     ],
     extras_require={
         'security': ['zope.security >= 6.0'],
@@ -69,7 +72,10 @@ setup(
     },
     classifiers=[
         'Programming Language :: Python :: 3',
+        'Programming Language :: Python :: 3 :: Only',
         'Programming Language :: Python :: 3.11',
+        'Programming Language :: Python :: 3.12',
+        'Programming Language :: Python :: 3.13',
         'Framework :: ZODB',
         'Topic :: System :: Networking',
     ],

@@ -92,6 +92,9 @@ def check(config_file, connect=True, out=None):
     say(f'Configuration: {config_file}')
     say(f'Component configuration: '
         f'{config.worker.component_configuration}')
+    if config.monitor is not None:
+        host, port = config.monitor.address
+        say(f'Monitor: {host or "*"}:{port} (/metrics, /healthz, /readyz)')
     say(f'Handlers: {len(regs)}')
     for reg in regs:
         h = reg.handler
@@ -155,13 +158,17 @@ def check(config_file, connect=True, out=None):
     return EXIT_OK
 
 
-def main(args=None):
+def main(args=None, prog='python -m gocept.amqprun check'):
     """Command line entry; returns the exit code."""
     parser = argparse.ArgumentParser(
-        prog='python -m gocept.amqprun check',
+        prog=prog,
         description='Check a gocept.amqprun configuration and compare '
-        'its queues with the broker.')
-    parser.add_argument('config', help='the ZConfig file (server.conf)')
+        'its queues with the broker. Changes nothing on the broker.',
+        epilog='exit codes: 0 everything agrees, 1 problems found or the '
+        'broker unreachable, 2 the configuration or the command line is '
+        'wrong')
+    parser.add_argument('config', metavar='CONFIG',
+                        help='the ZConfig file (e.g. etc/server.conf)')
     parser.add_argument(
         '--no-connect', dest='connect', action='store_false',
         help='only load and list, do not contact the broker')

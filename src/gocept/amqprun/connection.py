@@ -444,7 +444,7 @@ class Connection:
             self._ioloop.stop()
 
     def _fatal(self, error):
-        log.error('%s', error)
+        # `run` raises it: whoever called it reports it (the daemon does).
         self._failure = error
         if self._pika is not None and self._pika.is_open:
             self._pika.close()

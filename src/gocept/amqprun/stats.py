@@ -10,6 +10,7 @@ import collections
 import threading
 
 
+# Every handler queue has these; 'quarantined' appears after crashes.
 OUTCOMES = ('handled', 'retried', 'parked')
 # Seconds; the upper bounds of the histogram buckets (+Inf is implied).
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -106,9 +107,9 @@ class Stats:
                 in_flight=self._in_flight)
 
     def totals(self):
-        """{outcome: n} over all queues."""
+        """{outcome: n} over all queues (at least the OUTCOMES)."""
         with self._lock:
             result = dict.fromkeys(OUTCOMES, 0)
             for (queue, outcome), n in self._messages.items():
-                result[outcome] += n
+                result[outcome] = result.get(outcome, 0) + n
             return result

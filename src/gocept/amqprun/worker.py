@@ -20,6 +20,7 @@ import time
 import transaction
 
 import gocept.amqprun.errors
+import gocept.amqprun.log
 import gocept.amqprun.message
 import gocept.amqprun.retry
 import gocept.amqprun.security
@@ -57,16 +58,19 @@ class Worker(threading.Thread):
             item = dispatcher.get(self.index)
             if item is None:
                 return
+            delivery = item.delivery if isinstance(item, Retry) else item
             try:
-                if isinstance(item, Retry):
-                    self.failed(item.delivery, item.error)
-                elif not item.current:
-                    log.debug('Dropping delivery %s of a closed channel.',
-                              item.delivery_tag)
-                elif gocept.amqprun.retry.returns(item):
-                    self.quarantine(item)
-                else:
-                    self.handle(item)
+                with gocept.amqprun.log.handling(
+                        delivery.header.message_id, delivery.queue):
+                    if isinstance(item, Retry):
+                        self.failed(item.delivery, item.error)
+                    elif not item.current:
+                        log.debug('Dropping delivery %s of a closed '
+                                  'channel.', item.delivery_tag)
+                    elif gocept.amqprun.retry.returns(item):
+                        self.quarantine(item)
+                    else:
+                        self.handle(item)
             except Exception:
                 # handle() logs what it can; a worker never dies.
                 log.exception('Unexpected error in %s', self.name)

@@ -17,7 +17,7 @@ CHECKOUT = pathlib.Path(__file__).resolve().parents[4]
 
 # What a checkout may hold besides its sources (builds, caches).
 IGNORE = shutil.ignore_patterns(
-    '.git', '.venv', 'bin', 'parts', 'eggs', 'develop-eggs', 'var',
+    '.git', '.venv', '.tox', 'bin', 'parts', 'eggs', 'develop-eggs', 'var',
     '.installed.cfg', '__pycache__', '*.egg-info', '.pytest_cache',
     'benchmarks')
 

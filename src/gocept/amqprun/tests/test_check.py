@@ -166,3 +166,16 @@ def test_command_lines(configure, name_prefix, command):
     assert result.returncode == 0, result.stdout + result.stderr
     assert f'queue: {name_prefix}.in' in result.stdout
     assert 'OK.' in result.stdout
+
+
+def test_names_the_monitor_and_suggests_known_keys(
+        configure, capsys, name_prefix):
+    config = configure(name_prefix, FIRST,
+                       extra='<monitor>\n  address :8410\n</monitor>\n')
+    code, out = run_check(capsys, config, '--no-connect')
+    assert code == 0
+    assert 'Monitor: *:8410 (/metrics, /healthz, /readyz)\n' in out
+    config.write_text(config.read_text().replace('address', 'adress'))
+    code, out = run_check(capsys, config, '--no-connect')
+    assert code == 2
+    assert "'adress' is not a known key name; did you mean address?" in out

@@ -38,10 +38,12 @@ def client(parameters):
 
 
 def queue_info(node, queue, *items):
-    """`items` of `queue` as rabbitmqctl list_queues on `node` gives them."""
+    """`items` of `queue` as rabbitmqctl list_queues on `node` gives them
+    ({} while the node does not list it, e.g. right after a leader
+    died)."""
     rows = json.loads(node.ctl(
         'list_queues', 'name', *items, '--formatter', 'json'))
-    return next(row for row in rows if row['name'] == queue)
+    return next((row for row in rows if row['name'] == queue), {})
 
 
 def all_names(cluster):
@@ -78,7 +80,7 @@ def test_quorum_queue_outlives_its_killed_leader(cluster):
     assert not processes_with(f'RABBITMQ_NODENAME={leader.name}')
     # Until the others elect a new leader, basic.get closes the connection
     # (541 INTERNAL_ERROR ... nodedown).
-    wait_for(lambda: queue_info(others[0], queue, 'leader')['leader']
+    wait_for(lambda: queue_info(others[0], queue, 'leader').get('leader')
              in {n.name for n in others}, timeout=30, interval=0.2)
     # The parameters still list the dead node: the client skips it.
     with client(cluster.parameters()) as c:
@@ -88,7 +90,7 @@ def test_quorum_queue_outlives_its_killed_leader(cluster):
 
     leader.start()
     assert cluster.running_nodes(via=leader) == all_names(cluster)
-    wait_for(lambda: set(queue_info(leader, queue, 'online')['online'])
+    wait_for(lambda: set(queue_info(leader, queue, 'online').get('online', []))
              == all_names(cluster), timeout=30, interval=0.2)
     with client(leader.parameters()) as c:
         c.forget(queue)

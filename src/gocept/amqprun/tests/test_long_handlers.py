@@ -75,7 +75,9 @@ def test_a_handler_beyond_the_consumer_timeout_is_counted_and_parked(
                 gocept.amqprun.retry.ERROR]
             wait_for(lambda: echo.replies(client) >= 20, timeout=30)
             log = process.log_text()
-            assert log.count('longer than its consumer timeout') == 2
+            # (Other channels may time out too while the quarantined slow
+            # message runs alone: their deliveries wait unacknowledged.)
+            assert log.count('longer than its consumer timeout') >= 2
             assert f'Being handled: {slow} from {echo.queue!r}' in log
             assert (f'Being handled: {slow} from '
                     f'{echo.queue + ".quarantine"!r}') in log

@@ -1,12 +1,17 @@
 """End-to-end: the real `server` entry point in a subprocess."""
 
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
 import gocept.amqprun.main
 import gocept.amqprun.parameters
 import gocept.amqprun.testing
-import pytest
-import signal
-import subprocess
-import sys
 
 
 HANDLERS = '''
@@ -212,18 +217,23 @@ def test_missing_zcml_file_is_named(tmp_path):
     assert 'line 7' in result.stderr
 
 
-def test_zcml_error_is_named(tmp_path):
+@pytest.mark.parametrize('eventlog', [
+    '', '  <logfile>\n    path STDOUT\n  </logfile>\n'])
+def test_zcml_error_is_named_once(tmp_path, eventlog):
     zcml = tmp_path / 'server.zcml'
     zcml.write_text('<configure xmlns="http://namespaces.zope.org/zope">\n'
                     '  <include package="gocept.amqprun" />\n'
                     '  <utility component="no.such.thing" name="x" />\n'
                     '</configure>\n')
     conf = write_config(tmp_path, zcml)
+    conf.write_text(conf.read_text().replace(
+        '<eventlog>\n', '<eventlog>\n' + eventlog))
     result = run_main(str(conf))
+    output = result.stdout + result.stderr
     assert result.returncode == 2
-    assert str(zcml) in result.stderr
-    assert "Couldn't import no.such" in result.stderr
-    assert 'line 3' in result.stderr
+    assert str(zcml) in output
+    assert output.count("Couldn't import no.such") == 1
+    assert 'line 3' in output
 
 
 def test_usage_error_without_config():
@@ -232,18 +242,31 @@ def test_usage_error_without_config():
     assert 'usage' in result.stderr
 
 
-def test_unreachable_broker_exits_non_zero(server_process):
+PIKA_LOGGER = '<logger>\n  name pika\n  level WARNING\n</logger>\n'
+
+
+def test_unreachable_broker_exits_1_saying_why_in_one_line(server_process):
     nobody = gocept.amqprun.parameters.Parameters(
         hostname='127.0.0.1', port=gocept.amqprun.testing.free_port())
     process = server_process(
         start=False, parameters=nobody,
         server_extra='  connection_attempts 2\n  retry_delay 0.1\n')
+    # No <logger> for pika: the daemon keeps pika quiet.
+    process.config.write_text(
+        process.config.read_text().replace(PIKA_LOGGER, ''))
     process.start(wait=False)
     assert process.wait() == 1
     log = process.log_text()
-    assert 'Cannot connect to amqp://guest@' in log
-    assert 'after 2 attempt(s)' in log
+    assert ' pika' not in log
     assert 'guest@' in log and ':guest@' not in log
+    assert 'after 2 attempt(s)' in log
+    assert log.count('Cannot connect to amqp://guest@127.0.0.1') == 1
+    assert 'Stopping after a fatal error: Cannot connect' in log
+    assert 'Stopping: cancelling consumers.' not in log
+    assert 'Stopped.' not in log
+    # The log goes to a file: the cause is on stderr, too.
+    assert process.output_text().startswith(
+        'error: Cannot connect to amqp://guest@127.0.0.1')
 
 
 def test_failing_start_subscriber_stops_with_exit_1(server_process):
@@ -262,3 +285,119 @@ def broken(event):
     log = process.log_text()
     assert 'A ProcessStarted subscriber failed; stopping.' in log
     assert 'RuntimeError: cannot start' in log
+
+
+def test_misspelt_key_gets_a_suggestion(tmp_path):
+    conf = write_config(tmp_path, '/nonexistent.zcml')
+    conf.write_text(conf.read_text().replace('hostname', 'hostnme'))
+    result = run_main(str(conf))
+    assert result.returncode == 2
+    assert result.stderr == (
+        f'error: {conf}, line 4, section <amqp-server>, key hostnme: '
+        "'hostnme' is not a known key name; did you mean hostname?\n")
+
+
+def test_error_found_after_parsing_names_the_line(tmp_path):
+    zcml = tmp_path / 'server.zcml'
+    zcml.write_text('<configure />\n')
+    conf = write_config(tmp_path, zcml)
+    conf.write_text(conf.read_text().replace(
+        '</worker>', '  commit-mode fast\n</worker>'))
+    result = run_main(str(conf))
+    assert result.returncode == 2
+    assert f'{conf}, line 8, section <worker>, key commit-mode: must be' \
+        in result.stderr
+
+
+def test_monitor_port_in_use_exits_1(tmp_path):
+    zcml = tmp_path / 'server.zcml'
+    zcml.write_text('<configure />\n')
+    conf = write_config(tmp_path, zcml)
+    with socket.create_server(('127.0.0.1', 0)) as taken:
+        port = taken.getsockname()[1]
+        conf.write_text(conf.read_text() + (
+            f'<monitor>\n  address 127.0.0.1:{port}\n</monitor>\n'))
+        result = run_main(str(conf))
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f'error: {conf}, line 10, section <monitor>, key address: cannot '
+        f'listen on 127.0.0.1:{port}: ')
+
+
+@pytest.mark.parametrize('option', ['--help', '-h'])
+def test_help(option):
+    result = run_main(option)
+    assert result.returncode == 0
+    assert result.stdout.startswith(
+        'usage: python -m gocept.amqprun [-h] [--version] CONFIG\n')
+    assert 'check [-h] [--no-connect] CONFIG' in result.stdout
+    assert 'exit codes:\n  0  stopped by SIGTERM' in result.stdout
+
+
+def test_version():
+    result = run_main('--version')
+    assert result.returncode == 0
+    assert result.stdout.startswith('gocept.amqprun ')
+    assert 'Python 3.' in result.stdout
+
+
+def run_buildout_script(*args, cwd=None):
+    """bin/server as zc.recipe.egg makes it with `arguments`."""
+    return subprocess.run(
+        [sys.executable, '-c',
+         'import gocept.amqprun.main, sys; '
+         "sys.argv[0] = 'server'; "
+         "gocept.amqprun.main.main('/nonexistent/server.conf')", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_buildout_script_help_does_not_start_the_daemon():
+    result = run_buildout_script('--help')
+    assert result.returncode == 0
+    assert result.stdout.startswith('usage: server [-h] [--version] CONFIG')
+    assert '(default: /nonexistent/server.conf)' in result.stdout
+
+
+def test_buildout_script_checks_its_own_configuration():
+    result = run_buildout_script('check', '--no-connect')
+    assert result.returncode == 2
+    assert result.stdout.startswith('ERROR: /nonexistent/server.conf: ')
+
+
+CHECKOUT = pathlib.Path(__file__).resolve().parents[4]
+
+
+@pytest.mark.slow
+def test_make_run_starts_a_private_broker_where_none_answers(tmp_path):
+    if not gocept.amqprun.testing.PrivateBroker.available():
+        pytest.skip('rabbitmq-server is not installed')
+    if not (CHECKOUT / 'etc' / 'run_example.py').exists():
+        pytest.skip('not running from a checkout')
+    port = gocept.amqprun.testing.free_port()
+    conf = tmp_path / 'server.conf'
+    text = (CHECKOUT / 'etc' / 'server.conf').read_text()
+    conf.write_text(text.replace(
+        '  hostname localhost\n', f'  hostname localhost:{port}\n'))
+    output = tmp_path / 'output.txt'
+    with output.open('w') as out:
+        script = subprocess.Popen(
+            [sys.executable, 'etc/run_example.py', str(conf)],
+            cwd=CHECKOUT, stdout=out, stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONPATH='etc'))
+    try:
+        gocept.amqprun.testing.wait_for(
+            lambda: 'gocept.amqprun.main Started.' in output.read_text()
+            or script.poll() is not None, timeout=60)
+        assert gocept.amqprun.testing.port_open('127.0.0.1', port)
+        script.send_signal(signal.SIGINT)
+        assert script.wait(60) == 0
+    finally:
+        if script.poll() is None:
+            script.kill()
+    text = output.read_text()
+    assert f'No broker answers on localhost:{port}: starting a private ' \
+        'RabbitMQ node' in text
+    assert 'gocept.amqprun.server Stopped.' in text
+    assert text.endswith(
+        f'Stopping the private RabbitMQ node amqprun{port}@localhost.\n')
+    assert not gocept.amqprun.testing.port_open('127.0.0.1', port)
