@@ -285,3 +285,27 @@ def test_zcml_directive_refuses_a_bad_retention(zca):
                        match='not a duration'):
         zope.configuration.xmlconfig.string(ZCML.format(
             session=f'{__name__}.Session', retention='soon'))
+
+
+@pytest.mark.parametrize('dialect', ['postgresql', 'sqlite'])
+def test_ddl_creates_both_tables_and_their_indexes(dialect):
+    statements = gocept.amqprun.outbox.ddl(dialect)
+    text = '\n'.join(statements)
+    assert len(statements) == 4
+    assert 'CREATE TABLE amqprun_inbox' in text
+    assert 'CREATE TABLE amqprun_outbox' in text
+    assert 'PRIMARY KEY (queue, message_id, position)' in text
+    assert text.count('CREATE INDEX') == 2
+
+
+def test_prepare_creates_the_tables_ddl_describes(sql_engine):
+    session = sqlalchemy.orm.scoped_session(
+        sqlalchemy.orm.sessionmaker(bind=sql_engine))
+    gocept.amqprun.outbox.Outbox(session).prepare()   # idempotent
+    session.remove()
+    inspector = sa.inspect(sql_engine)
+    for table in gocept.amqprun.outbox.metadata.sorted_tables:
+        columns = {c['name'] for c in inspector.get_columns(table.name)}
+        assert columns == set(table.columns.keys())
+        indexes = {i['name'] for i in inspector.get_indexes(table.name)}
+        assert f'ix_{table.name}_handled_at' in indexes
