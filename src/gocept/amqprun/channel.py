@@ -312,27 +312,18 @@ class Slot:
         self.consumer_tags = []
         if self.on_delivery is None:
             self._on_ready()
-            return
-        # basic.qos applies to the consumers created after it.
-        steps = []
-        for prefetch, queues in self.connection.consumption(self):
-            steps.append(functools.partial(
-                self.channel.basic_qos,
-                prefetch_count=prefetch or self.connection.prefetch))
-            steps.extend(functools.partial(self._consume, queue)
-                         for queue in queues)
-
-        def next_step(frame=None):
-            if steps:
-                steps.pop(0)(callback=next_step)
-            else:
-                self._on_ready()
-        next_step()
+        else:
+            self._start_consuming(None, then=self._on_ready)
 
     def consume_more(self, queues):
         """Start consuming `queues` too (declared after the others)."""
-        if not self.usable or self.on_delivery is None:
-            return
+        if self.usable and self.on_delivery is not None:
+            self._start_consuming(queues)
+
+    def _start_consuming(self, queues, then=None):
+        """Consume `queues` (None: all of the connection's), each group
+        after a basic.qos with its prefetch (it applies to the consumers
+        created after it); then call `then`."""
         steps = []
         for prefetch, group in self.connection.consumption(self, queues):
             steps.append(functools.partial(
@@ -342,8 +333,10 @@ class Slot:
                          for queue in group)
 
         def next_step(frame=None):
-            if steps and self.usable:
+            if steps and self.channel is not None:
                 steps.pop(0)(callback=next_step)
+            elif not steps and then is not None:
+                then()
         next_step()
 
     def _consume(self, queue, callback):
