@@ -27,9 +27,10 @@ anything while it processes ``Tx.Commit``). A commit fails with
 In the opt-in confirm mode the channels use publisher confirms instead: a
 commit publishes, waits for the confirms and only then ACKs --
 at-least-once, as a crash in between repeats publishes. A NACK fails it
-with `ChannelLost`, so does a lost channel when the commit settles a
-delivery (which is then not ACKed); a lost channel before the confirms of
-mere publishes leaves them in doubt (`CommitInDoubt`).
+with `ChannelLost`, so does a lost channel when the commit belongs to a
+delivery (which is then not ACKed, and comes again); a lost channel
+before the confirms of mere publishes leaves them in doubt
+(`CommitInDoubt`).
 """
 
 import collections
@@ -151,7 +152,7 @@ class Slot:
         outcome.log_errors = not wait
         outcome.on_nack = on_failure
         outcome.on_success = on_success
-        outcome.settles = ack is not None or reject is not None
+        outcome.for_delivery = epoch is not None
         self.connection.call(
             self._commit, outcome, epoch, tuple(publishes), ack, reject)
         if not wait:
@@ -387,7 +388,7 @@ class Slot:
         refused = isinstance(reason, pika.exceptions.ChannelClosedByBroker)
         why = f'{self}: {gocept.amqprun.errors.reason(reason)}'
         for outcome in pending:
-            if refused or (self.connection.confirm and outcome.settles):
+            if refused or (self.connection.confirm and outcome.for_delivery):
                 outcome.set_exception(ChannelLost(why, refused=refused))
             else:
                 outcome.set_exception(CommitInDoubt(why))

@@ -15,7 +15,7 @@ class Outcome:
     """
 
     __slots__ = ('_done', '_state', '_value', '_error', 'log_errors',
-                 'on_nack', 'on_success', 'settles')
+                 'on_nack', 'on_success', 'for_delivery')
     _guard = _thread.allocate_lock()
     PENDING, RUNNING, CANCELLED, DONE = range(4)
 
@@ -27,7 +27,7 @@ class Outcome:
         self.log_errors = False     # nobody waits: log a failure
         self.on_nack = None         # confirm mode, nobody waits
         self.on_success = None      # confirm mode, nobody waits
-        self.settles = False        # it ACKs/rejects a delivery
+        self.for_delivery = False   # it settles a delivery's handling
 
     def set_running_or_notify_cancel(self):
         """IO thread: False if the waiter gave up (then do nothing)."""

@@ -99,8 +99,6 @@ class Session:
         self._deadline = None
         self.transaction_manager = (
             transaction_manager or transaction.manager)
-        self._slot = None
-        self._deferred_ack = None
 
     @classmethod
     def join(cls, server, txn, delivery=None, received=None):
@@ -199,8 +197,8 @@ class Session:
             txn.addAfterCommitHook(self._ack_last)
 
     def _ack_last(self, status):
-        if status:
-            delivery = self.delivery
+        delivery = self.delivery
+        if status and delivery.current:
             delivery.slot.commit(delivery.epoch, ack=delivery.delivery_tag,
                                  wait=False)
 
