@@ -14,7 +14,6 @@ collectors; use it in the configuration file::
 """
 
 import collections
-import contextlib
 import contextvars
 import datetime
 import json
@@ -39,15 +38,22 @@ _current = contextvars.ContextVar('gocept.amqprun.log.current',
 _ABOUT_MESSAGE = re.compile(r'[Mm]essage %s from queue %r')
 
 
-@contextlib.contextmanager
-def handling(message_id, queue):
-    """Within the block, log records of this thread (or context) are about
-    the message `message_id` of `queue` (`JSONFormatter` shows them)."""
-    token = _current.set((message_id, queue))
-    try:
-        yield
-    finally:
-        _current.reset(token)
+class handling:
+    """``with handling(message_id, queue):`` -- within the block, log
+    records of this thread (or context) are about the message
+    `message_id` of `queue` (`JSONFormatter` shows them). A class, not a
+    generator: it wraps every handled message."""
+
+    __slots__ = ('_about', '_token')
+
+    def __init__(self, message_id, queue):
+        self._about = (message_id, queue)
+
+    def __enter__(self):
+        self._token = _current.set(self._about)
+
+    def __exit__(self, *exc_info):
+        _current.reset(self._token)
 
 
 def message_of(record):

@@ -88,9 +88,19 @@ class Stats:
         with self._lock:
             self._in_flight += 1
 
-    def finished(self):
+    def finished(self, queue=None, handler_seconds=None,
+                 commit_seconds=None, outcome=None):
+        """The message `started` is done: its handler call took
+        `handler_seconds`, its commit `commit_seconds`, it was `outcome`
+        (each None if it does not apply). One call on the hot path."""
         with self._lock:
             self._in_flight -= 1
+            if handler_seconds is not None:
+                self._handler[queue].observe(handler_seconds)
+            if commit_seconds is not None:
+                self._commit.observe(commit_seconds)
+            if outcome is not None:
+                self._messages[queue, outcome] += 1
 
     def snapshot(self):
         """A consistent copy: a dict with messages {(queue, outcome): n},

@@ -105,15 +105,16 @@ class Worker(threading.Thread):
             server, txn, delivery, message)
         stats.started()
         delivery.slot.handling.add(delivery)
+        handler_seconds = commit_seconds = outcome = None
         try:
             started = time.perf_counter()
             try:
                 self.call(handler, message, session, delivery.queue)
             finally:
                 handled = time.perf_counter()
-                stats.handler_time(delivery.queue, handled - started)
+                handler_seconds = handled - started
             manager.commit()
-            stats.commit_time(time.perf_counter() - handled)
+            commit_seconds = time.perf_counter() - handled
         except Exception as error:
             manager.abort()
             if session.settled:
@@ -123,7 +124,7 @@ class Worker(threading.Thread):
                     'Message %s from queue %r: its ACK was committed, but '
                     'a data manager failed after that', message_id,
                     delivery.queue)
-                stats.message(delivery.queue, 'handled')
+                outcome = 'handled'
                 return
             log.exception('Handling message %s from queue %r failed',
                           message_id, delivery.queue)
@@ -135,12 +136,13 @@ class Worker(threading.Thread):
             if refused:
                 refusals.forget(key)
             if not session.confirming:
-                stats.message(delivery.queue, 'handled')
+                outcome = 'handled'
             log.debug('Handled message %s from queue %r',
                       message_id, delivery.queue)
         finally:
             delivery.slot.handling.discard(delivery)
-            stats.finished()
+            stats.finished(delivery.queue, handler_seconds, commit_seconds,
+                           outcome)
         self.prune_outbox()
 
     def call(self, handler, message, session, queue):

@@ -91,8 +91,7 @@ def take(dispatcher, index):
 
 def waiting(dispatcher):
     """The indexes whose worker waits in `get` (private state)."""
-    with dispatcher._lock:
-        return set(dispatcher._waiting)
+    return {i for i, flag in enumerate(dispatcher._waiting) if flag}
 
 
 def getters(dispatcher, *indexes):
@@ -122,11 +121,12 @@ def joined(threads):
 @pytest.fixture
 def dispatcher():
     """A factory of Dispatchers, closed afterwards (which ends every
-    getter still waiting)."""
+    getter still waiting). Workers take a busy worker's deliveries at
+    once (steal_after=0) unless `steal_after` says otherwise."""
     made = []
 
-    def factory(size):
-        made.append(Dispatcher(size))
+    def factory(size, steal_after=0):
+        made.append(Dispatcher(size, steal_after=steal_after))
         return made[-1]
     yield factory
     for d in made:
@@ -134,7 +134,10 @@ def dispatcher():
 
 
 def test_a_worker_takes_its_own_backlog_first(dispatcher):
-    d = dispatcher(3)
+    d = dispatcher(3, steal_after=60)
+    for index in range(3):
+        d.put(index, 'first')
+        assert take(d, index) == 'first'     # all three busy now
     d.put(1, 'b1')
     d.put(0, 'a1')
     d.put(2, 'c1')
@@ -156,6 +159,32 @@ def test_the_oldest_delivery_of_a_busy_workers_slot_goes_first(dispatcher):
     # Worker 1 takes the older delivery of busy worker 0's slot first.
     assert take(d, 1) == 'behind the busy one'
     assert take(d, 1) == 'later, own'
+
+
+def test_a_worker_keeps_its_deliveries_until_it_was_busy_for_a_while(
+        dispatcher):
+    d = dispatcher(2, steal_after=0.3)
+    d.put(0, 'running')
+    assert take(d, 0) == 'running'      # worker 0 is busy from now on
+    started = time.monotonic()
+    d.put(0, 'behind it')
+    other = Getter(d, 1)
+    # Worker 1 takes it once worker 0 has been busy for 0.3 s -- by
+    # looking again, without another put waking it.
+    assert other.wait() == 'behind it'
+    waited = time.monotonic() - started
+    assert 0.25 <= waited < 1.5, waited
+
+
+def test_a_busy_worker_taking_its_next_delivery_in_time_keeps_it(
+        dispatcher):
+    d = dispatcher(2, steal_after=5)
+    d.put(0, 'first')
+    assert take(d, 0) == 'first'
+    d.put(0, 'second')
+    [other] = getters(d, 1)              # worker 1 idles ...
+    assert take(d, 0) == 'second'        # ... worker 0 takes its own
+    assert not other.done.is_set()
 
 
 def test_an_isolated_item_waits_for_the_running_ones_and_runs_alone(
@@ -254,19 +283,19 @@ def test_each_put_wakes_a_waiting_worker_no_lost_wake_up(dispatcher):
 
 
 class Counting:
-    """A dispatcher's bell (private) that counts how often a worker
-    waited on it."""
+    """A dispatcher's bell (private: a queue a waiting worker gets from)
+    that counts how often a worker waited on it."""
 
     def __init__(self, bell):
         self.bell = bell
         self.acquired = 0
 
-    def acquire(self, *args, **kw):
+    def get(self, *args, **kw):
         self.acquired += 1
-        return self.bell.acquire(*args, **kw)
+        return self.bell.get(*args, **kw)
 
-    def release(self):
-        self.bell.release()
+    def put(self, item):
+        self.bell.put(item)
 
 
 def test_many_producers_and_consumers_take_every_item_once(dispatcher):
@@ -688,11 +717,12 @@ class Numbered:
 
 def test_stolen_deliveries_commit_atomically_on_their_channel(
         in_process, proxy, queued_commits, zca, amqp_client, name_prefix,
-        caplog):
+        caplog, monkeypatch):
     # Inputs come in rounds of a few, so that backlogs run empty and
-    # workers steal: before the release one worker is busy with input 0
-    # and the other takes its channel's deliveries; after it both take
-    # each other's.
+    # workers steal -- at once, to make their commits meet on a channel:
+    # before the release one worker is busy with input 0 and the other
+    # takes its channel's deliveries; after it both take each other's.
+    monkeypatch.setattr(gocept.amqprun.dispatch, 'STEAL_AFTER', 0)
     count, size = 300, 3
     h = Numbered(zca, amqp_client, name_prefix, pause=0.005)
     h.server = in_process(workers=2)
