@@ -14,6 +14,10 @@ import gocept.amqprun.message
 import gocept.amqprun.properties
 
 
+# The queues beside a handler's queue (with the default retry policy).
+AUXILIARY = ('', '.retry', '.parked', '.quarantine')
+
+
 class Received:
     """A message a `Client` got: header (message.Header), body (bytes),
     routing_key."""
@@ -31,7 +35,8 @@ class Received:
 class Client:
     """A plain AMQP client for tests: declare queues, send, receive.
 
-    Queues it declares are deleted by `close()`.
+    Queues it declares (or is told to `forget`) are deleted by `close()`,
+    with the daemon's auxiliary queues beside them.
     """
 
     def __init__(self, parameters):
@@ -115,10 +120,15 @@ class Client:
         return self.count(queue) is not None
 
     def close(self):
+        """Delete the queues it declared or was told to `forget` -- each
+        with the queues the daemon declares beside a handler's queue
+        (``.retry``, ``.parked``, ``.quarantine``; deleting a queue that
+        does not exist changes nothing) -- and close the connection."""
         with contextlib.suppress(Exception):
             if not self.channel.is_open:
                 self.channel = self.connection.channel()
             for name in self.queues:
-                self.channel.queue_delete(name)
+                for suffix in AUXILIARY:
+                    self.channel.queue_delete(name + suffix)
         with contextlib.suppress(Exception):
             self.connection.close()

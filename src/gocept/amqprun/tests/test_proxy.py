@@ -97,6 +97,8 @@ def test_proxy_forwards_and_cuts(
         client = Client(proxy.parameters())
         try:
             queue = client.declare(f'{name_prefix}.in', [f'{name_prefix}.in'])
+            # This client's connection is cut: the fixture's deletes it.
+            amqp_client.forget(queue)
             big = bytes(range(256)) * (5 * 4096)    # 5 MiB, both ways
             client.send(queue, big)
             assert client.wait(queue).body == big
