@@ -397,6 +397,18 @@ class Slot:
             if outcome.set_running_or_notify_cancel():
                 outcome.set_exception(ChannelLost(why))
 
+    def log_consumer_timeout(self):
+        """Name the deliveries being handled when the broker closed the
+        channel for a delivery unacknowledged beyond its consumer timeout;
+        thread-safe."""
+        being_handled = sorted(f'{d.header.message_id} from {d.source!r}'
+                               for d in list(self.handling))
+        log.error('%s: a delivery stayed unacknowledged longer than its '
+                  'consumer timeout. Being handled: %s. The channel\'s '
+                  'deliveries return and count as unsettled; raise the '
+                  'broker\'s consumer_timeout or shorten the handler.',
+                  self, ', '.join(being_handled) or 'nothing')
+
     def fail_waiting(self, error):
         """Fail the commits waiting for a channel (the connection ends)."""
         waiting, self._waiting = self._waiting, []

@@ -271,14 +271,10 @@ class Connection:
                 f'Cannot connect to {self.parameters.describe()} '
                 f'(after {self._attempt} attempt(s)): {why}'))
             return
-        delay = self._backoff()
+        delay = self.parameters.backoff(self._attempt)
         log.error('Connection to the broker failed: %s; retrying in %.1f s',
                   why, delay)
         self._ioloop.call_later(delay, self._connect)
-
-    def _backoff(self):
-        return min(self.parameters.retry_delay * 2 ** max(
-            0, self._attempt - 1), self.parameters.max_retry_delay)
 
     def _on_close(self, connection, why):
         self._ready.clear()
@@ -294,7 +290,7 @@ class Connection:
         if self._closing or self._failure is not None:
             self._ioloop.stop()
             return
-        delay = self._backoff()
+        delay = self.parameters.backoff(self._attempt)
         log.error('Connection to the broker lost: %s; reconnecting in '
                   '%.1f s', reason(why), delay)
         self._ioloop.call_later(delay, self._connect)
@@ -316,8 +312,7 @@ class Connection:
         self._missing = set(refused)
         if refused:
             self._missing_attempts += 1
-            delay = min(self.parameters.retry_delay * 2 ** (
-                self._missing_attempts - 1), self.parameters.max_retry_delay)
+            delay = self.parameters.backoff(self._missing_attempts)
             for why in refused.values():
                 log.error('%s; consuming the other queues, trying again in '
                           '%.1f s', why, delay)
@@ -400,13 +395,7 @@ class Connection:
             return
         delay = self.parameters.retry_delay
         if gocept.amqprun.errors.timed_out(why):
-            being_handled = sorted(f'{d.header.message_id} from {d.source!r}'
-                                   for d in list(slot.handling))
-            log.error('%s: a delivery stayed unacknowledged longer than its '
-                      'consumer timeout. Being handled: %s. The channel\'s '
-                      'deliveries return and count as unsettled; raise the '
-                      'broker\'s consumer_timeout or shorten the handler.',
-                      slot, ', '.join(being_handled) or 'nothing')
+            slot.log_consumer_timeout()
         log.warning('%s: channel closed by the broker (%s); reopening in '
                     '%.1f s', slot, reason(why), delay)
         self._ioloop.call_later(delay, functools.partial(

@@ -75,6 +75,12 @@ class Parameters:
     def __repr__(self):
         return f'<Parameters {self.describe()}>'
 
+    def backoff(self, attempt):
+        """Seconds to wait before try `attempt` (1, 2, ...) of something
+        that failed: `retry_delay`, doubling, at most `max_retry_delay`."""
+        return min(self.retry_delay * 2 ** max(0, attempt - 1),
+                   self.max_retry_delay)
+
     def describe(self):
         """The broker addresses, for log lines (never the password)."""
         return ', '.join(safe_url(p) for p in self.pika_parameters())
