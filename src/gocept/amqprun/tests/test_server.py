@@ -44,6 +44,16 @@ def test_server_provides_interfaces(amqp_parameters, zca):
         gocept.amqprun.interfaces.ISender, server)
 
 
+def test_embedded_server_has_the_daemons_default_prefetch(
+        amqp_parameters, zca):
+    def prefetch(**kw):
+        return gocept.amqprun.server.Server(
+            amqp_parameters, **kw).connection.prefetch
+    assert prefetch() == 2
+    assert prefetch(confirm=True) == 100
+    assert prefetch(confirm=True, prefetch=7) == 7
+
+
 def test_handler_reply_and_ack_in_one_transaction(
         run_server, zca, amqp_client, name_prefix):
     received = []
