@@ -258,11 +258,14 @@ class Slot:
             confirmed = {method.delivery_tag}
         self._unconfirmed -= confirmed
         nacked = confirmed if isinstance(
-            method, pika.spec.Basic.Nack) else set()
+            method, pika.spec.Basic.Nack) else ()
+        unconfirmed = self._unconfirmed
         remaining = []
+        # Per entry, look up its own few publishes: the entries and the
+        # unconfirmed publishes both number up to the prefetch.
         for entry in self._confirms:
             first, last, outcome, ack, reject = entry
-            if any(first <= n <= last for n in nacked):
+            if nacked and any(n in nacked for n in range(first, last + 1)):
                 self._pending.remove(outcome)
                 error = ChannelLost(
                     f'{self}: the broker did not accept a publish '
@@ -270,7 +273,7 @@ class Slot:
                 outcome.set_exception(error)
                 if outcome.on_nack is not None:
                     outcome.on_nack(error)
-            elif any(first <= n <= last for n in self._unconfirmed):
+            elif any(n in unconfirmed for n in range(first, last + 1)):
                 remaining.append(entry)
             else:
                 self._pending.remove(outcome)
