@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # Confirm mode does not block a worker until its confirms are in, so its
 # prefetch bounds the confirms in flight: it wants more. Measured with 8
 # and 16 workers (README, Performance): 20 reached 0.75-0.89 of a raw pika
-# confirm client, 100 (that client's own prefetch) 1.04-1.09.
+# confirm client, 100 (that client's own prefetch) 0.96-1.20.
 DEFAULT_PREFETCH = 2
 DEFAULT_CONFIRM_PREFETCH = 100
 
