@@ -15,6 +15,9 @@ method not marked thread-safe runs in the IO thread.
 Besides the IO thread, pika is used only by `inspection` (a blocking
 connection of its own for the check command) and the test client in
 `testing`.
+
+`Parameters` is importable from here as it was in 0.x (its home is
+`parameters`).
 """
 
 import collections
@@ -31,6 +34,7 @@ from gocept.amqprun.channel import Slot
 from gocept.amqprun.errors import ConnectionFailed
 from gocept.amqprun.errors import ConnectionUnavailable
 from gocept.amqprun.errors import reason
+from gocept.amqprun.parameters import Parameters  # noqa: F401 (0.x API)
 from gocept.amqprun.parameters import safe_url
 import gocept.amqprun.declaration
 import gocept.amqprun.errors
