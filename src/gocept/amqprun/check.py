@@ -1,6 +1,6 @@
 """The `check` command: does a configuration agree with the broker?
 
-``python -m gocept.amqprun check CONFIG`` (or ``server --check CONFIG``)
+``server check CONFIG`` (or ``server --check CONFIG``)
 loads the ZConfig file and the ZCML it names, lists the handlers (queue,
 routing keys, arguments, principal, where they were registered), reports
 queues consumed by more than one handler, then connects to the broker and
@@ -12,7 +12,6 @@ broker cannot be reached), 2 when the configuration cannot be loaded or
 the command line is wrong.
 """
 
-import argparse
 import collections
 import logging
 import sys
@@ -22,6 +21,7 @@ import zope.component
 from gocept.amqprun.interfaces import EXIT_CONFIG
 from gocept.amqprun.interfaces import EXIT_FAILURE
 from gocept.amqprun.interfaces import EXIT_OK
+import gocept.amqprun.cli
 import gocept.amqprun.config
 import gocept.amqprun.errors
 import gocept.amqprun.handler
@@ -48,17 +48,6 @@ def _where(info):
     return text.splitlines()[0] if text else ''
 
 
-def load(config_file):
-    """Load the configuration and its ZCML into the global registry.
-
-    Returns the ZConfig object; raises config.ConfigError naming file and
-    line. Logging is not set up (the check only prints).
-    """
-    config = gocept.amqprun.config.load_config(config_file)
-    gocept.amqprun.config.load_components(config)
-    return config
-
-
 def registrations():
     """The IHandler registrations of the global registry, by name."""
     result = []
@@ -83,7 +72,7 @@ def check(config_file, connect=True, out=None):
         print(text, file=out or sys.stdout)
 
     try:
-        config = load(config_file)
+        config = gocept.amqprun.config.load(config_file)
     except gocept.amqprun.config.ConfigError as e:
         say(f'ERROR: {e}')
         return EXIT_CONFIG
@@ -158,22 +147,27 @@ def check(config_file, connect=True, out=None):
     return EXIT_OK
 
 
-def main(args=None, prog='python -m gocept.amqprun check'):
-    """Command line entry; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description='Check a gocept.amqprun configuration and compare '
-        'its queues with the broker. Changes nothing on the broker.',
-        epilog='exit codes: 0 everything agrees, 1 problems found or the '
-        'broker unreachable, 2 the configuration or the command line is '
-        'wrong')
-    parser.add_argument('config', metavar='CONFIG',
-                        help='the ZConfig file (e.g. etc/server.conf)')
+HELP = 'list the handlers of CONFIG, compare their queues with the broker'
+DESCRIPTION = ('Load CONFIG and its ZCML, list the handlers and compare '
+               'their queues with the broker. Changes nothing.')
+EPILOG = ('exit codes: 0 everything agrees, 1 problems found or the '
+          'broker unreachable, 2 the configuration or the command line is '
+          'wrong')
+
+
+def add_arguments(parser, config_file=None):
+    gocept.amqprun.cli.add_config_argument(parser, config_file)
     parser.add_argument(
         '--no-connect', dest='connect', action='store_false',
         help='only load and list, do not contact the broker')
-    try:
-        options = parser.parse_args(args)
-    except SystemExit as e:
-        return EXIT_CONFIG if e.code else EXIT_OK
+
+
+def run(options):
     return check(options.config, options.connect)
+
+
+def main(args=None, prog='python -m gocept.amqprun'):
+    """Command line entry (``check`` and its `args`); returns the exit
+    code."""
+    return gocept.amqprun.cli.run_command(
+        'check', sys.argv[1:] if args is None else args, prog)

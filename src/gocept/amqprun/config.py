@@ -92,6 +92,15 @@ def load_config(path):
     return config
 
 
+def load(path):
+    """Load the configuration (`load_config`) and its ZCML into the
+    global registry (`load_components`); return the ZConfig object.
+    Raises ConfigError naming file and line. Logging is not set up."""
+    config = load_config(path)
+    load_components(config)
+    return config
+
+
 def check_config(config, path):
     """Check what the schema cannot and complete `config` (see
     `load_config`); a ConfigError names file, line, section and key."""

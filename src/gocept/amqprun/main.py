@@ -1,4 +1,4 @@
-"""The `server` command: run the daemon from a ZConfig file.
+"""The `server` command: the daemon and its subcommands.
 
 ::
 
@@ -6,6 +6,9 @@
     server check [--no-connect] CONFIG check the configuration (`check`;
                                        ``server --check CONFIG`` too)
     server --help | --version
+
+The subcommands are modules of their own, listed in `cli.COMMANDS`;
+this module runs the daemon.
 
 The exit codes (`interfaces`) are the contract with supervisors: 0 after
 SIGTERM/SIGINT, 1 after SIGUSR1 or a failure (restart), 2 when the
@@ -30,7 +33,7 @@ import zope.event
 from gocept.amqprun.interfaces import EXIT_CONFIG
 from gocept.amqprun.interfaces import EXIT_FAILURE
 from gocept.amqprun.interfaces import EXIT_OK
-import gocept.amqprun.check
+import gocept.amqprun.cli
 import gocept.amqprun.config
 import gocept.amqprun.errors
 import gocept.amqprun.interfaces
@@ -40,21 +43,12 @@ import gocept.amqprun.server
 
 log = logging.getLogger(__name__)
 
-USAGE = '''\
-%(prog)s [-h] [--version] CONFIG
-       %(prog)s check [-h] [--no-connect] CONFIG'''
-
 DESCRIPTION = '''\
 Run the gocept.amqprun daemon configured by CONFIG (a ZConfig file, e.g.
 etc/server.conf): consume the queues of the handlers its ZCML registers
 until SIGTERM or SIGINT (stop) or SIGUSR1 (stop, exit 1: restart).'''
 
 EPILOG = '''\
-commands:
-  check CONFIG   load CONFIG and its ZCML, list the handlers and compare
-                 their queues with the broker's (--check CONFIG is the
-                 same; --no-connect: only load and list)
-
 exit codes:
   0  stopped by SIGTERM or SIGINT (check: everything agrees)
   1  stopped by SIGUSR1, the broker unusable at start-up, or a fatal
@@ -73,13 +67,16 @@ def version():
 def parser(prog='server', config_file=None):
     """The argument parser of the daemon form; `config_file` is the
     default of CONFIG (buildout's scripts pass it)."""
+    cli = gocept.amqprun.cli
+    usage = '\n       '.join(
+        ['%(prog)s [-h] [--version] CONFIG'] + cli.usages(prog))
+    epilog = 'commands (%(prog)s COMMAND --help for more):\n' + ''.join(
+        f'  {name:<9} {cli.command(name).HELP}\n' for name in cli.COMMANDS)
     result = argparse.ArgumentParser(
-        prog=prog, usage=USAGE, description=DESCRIPTION, epilog=EPILOG,
+        prog=prog, usage=usage, description=DESCRIPTION,
+        epilog=epilog + '\n' + EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    result.add_argument(
-        'config', metavar='CONFIG', nargs='?' if config_file else None,
-        default=config_file, help='the ZConfig file' + (
-            f' (default: {config_file})' if config_file else ''))
+    gocept.amqprun.cli.add_config_argument(result, config_file)
     result.add_argument('--version', action='version', version=version())
     return result
 
@@ -92,11 +89,9 @@ def main(config_file=None, argv=None, prog='server'):
     none (zc.recipe.egg's ``arguments`` passes it: ``main('...conf')``).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (['check'], ['--check']):
-        args = argv[1:]
-        if config_file and all(arg.startswith('-') for arg in args):
-            args.append(config_file)
-        sys.exit(gocept.amqprun.check.main(args, prog=f'{prog} check'))
+    cli = gocept.amqprun.cli
+    if argv and (argv[0] in cli.COMMANDS or argv[0] in cli.ALIASES):
+        sys.exit(cli.run_command(argv[0], argv[1:], prog, config_file))
     options = parser(prog, config_file).parse_args(argv)
     sys.exit(serve(options.config))
 
@@ -116,7 +111,7 @@ def serve(config_file):
             shutdown_timeout=config.worker.shutdown_timeout,
             retry_policy=config.retry_policy,
             confirm=config.worker.commit_mode == 'confirm',
-            on_ready=lambda: events.put(('ready', None)))
+            on_ready=lambda: events.put(Ready()))
         monitor = make_monitor(server, config, config_file)
     except (gocept.amqprun.config.ConfigError,
             gocept.amqprun.server.DuplicateQueueError, ValueError) as e:
@@ -172,77 +167,134 @@ def report(error, logged=False):
         print(f'error: {error}', file=sys.stderr)
 
 
+# What happens to a running daemon, in the order the main thread learns
+# of it (`run`). Each says whether the daemon goes on (None) or with
+# which exit code it stops.
+
+class Ready:
+    """The server is connected and consumes (again)."""
+
+    def apply(self, daemon):
+        return daemon.ready()
+
+
+class Signalled:
+    """A signal arrived: SIGUSR1 stops with exit 1, the others with 0."""
+
+    def __init__(self, signum):
+        self.signum = signum
+
+    def apply(self, daemon):
+        log.info('Received signal %s, shutting down.',
+                 signal.Signals(self.signum).name)
+        return EXIT_FAILURE if self.signum == signal.SIGUSR1 else EXIT_OK
+
+
+class Failed:
+    """`Server.start` raised `error`."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def apply(self, daemon):
+        log.error('Stopping after a fatal error: %s', self.error)
+        if not daemon.started:
+            report(self.error, logged=True)
+        return EXIT_FAILURE
+
+
+class Stopped:
+    """`Server.start` returned (somebody called `Server.stop`)."""
+
+    def apply(self, daemon):
+        return EXIT_OK
+
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class Daemon:
+    """The life cycle of a running daemon in the main thread: start the
+    server in a thread of its own, react to `events` until one ends it,
+    shut down in order (see `run`)."""
+
+    def __init__(self, server, events, monitor=None, progress=None):
+        self.server = server
+        self.events = events
+        self.monitor = monitor
+        self.progress = progress
+        self.started = False
+        self.runner = threading.Thread(
+            target=self._run_server, name='amqprun-io', daemon=True)
+
+    def _run_server(self):
+        try:
+            self.server.start()
+        except Exception as e:
+            self.events.put(Failed(e))
+        else:
+            self.events.put(Stopped())
+
+    def run(self):
+        """Run until a signal or a failure; return the exit code."""
+        for signum in SIGNALS:
+            signal.signal(signum, lambda signum, frame: self.events.put(
+                Signalled(signum)))
+        if self.monitor is not None:
+            self.monitor.start()
+        self.runner.start()
+        code = None
+        while code is None:
+            event = self.events.get()
+            code = event.apply(self)
+        return self.shut_down(code, stop=self.started
+                              or isinstance(event, Signalled))
+
+    def ready(self):
+        """The first time: log "Started.", begin the progress lines and
+        notify ProcessStarted (a failing subscriber stops the daemon)."""
+        if self.started:
+            return None
+        self.started = True
+        log.info('Started.')
+        if self.progress is not None:
+            self.progress.start()
+        try:
+            zope.event.notify(gocept.amqprun.interfaces.ProcessStarted())
+        except Exception:
+            log.exception('A ProcessStarted subscriber failed; stopping.')
+            return EXIT_FAILURE
+        return None
+
+    def shut_down(self, code, stop):
+        """Notify ProcessStopping, stop the progress lines, the server
+        (if `stop`: else it has returned already) and the monitor, in
+        that order; return the exit code."""
+        if self.monitor is not None:
+            self.monitor.stopping = True
+        if self.started:
+            try:
+                zope.event.notify(
+                    gocept.amqprun.interfaces.ProcessStopping())
+            except Exception:
+                log.exception('A ProcessStopping subscriber failed.')
+                code = code or EXIT_FAILURE
+        if self.progress is not None:
+            self.progress.stop()
+        if stop:
+            self.server.stop()
+        self.runner.join(self.server.shutdown_timeout)
+        if self.monitor is not None:
+            self.monitor.stop()
+        return code
+
+
 def run(server, events, monitor=None, progress=None):
     """Run `server` until a signal or a failure; return the exit code.
 
-    `events` is the queue the server's on_ready callback puts into. The
-    `monitor` (a `monitor.Monitor`) answers from the start until the
-    server stopped; `progress` (a `log.Progress`) logs from the first
-    time the server consumes until shutdown.
+    `events` is the queue the server's on_ready callback puts `Ready`
+    into. The `monitor` (a `monitor.Monitor`) answers from the start
+    until the server stopped; `progress` (a `log.Progress`) logs from the
+    first time the server consumes until shutdown.
     """
-    def on_signal(signum, frame):
-        events.put(('signal', signum))
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(signum, on_signal)
-
-    def run_server():
-        try:
-            server.start()
-        except Exception as e:
-            events.put(('failed', e))
-        else:
-            events.put(('stopped', None))
-    runner = threading.Thread(
-        target=run_server, name='amqprun-io', daemon=True)
-    if monitor is not None:
-        monitor.start()
-    runner.start()
-    started = False
-    while True:
-        kind, value = events.get()
-        if kind == 'ready':
-            if not started:
-                started = True
-                log.info('Started.')
-                if progress is not None:
-                    progress.start()
-                try:
-                    zope.event.notify(
-                        gocept.amqprun.interfaces.ProcessStarted())
-                except Exception:
-                    log.exception('A ProcessStarted subscriber failed; '
-                                  'stopping.')
-                    code = EXIT_FAILURE
-                    break
-        elif kind == 'signal':
-            log.info('Received signal %s, shutting down.',
-                     signal.Signals(value).name)
-            code = EXIT_FAILURE if value == signal.SIGUSR1 else EXIT_OK
-            break
-        elif kind == 'failed':
-            log.error('Stopping after a fatal error: %s', value)
-            if not started:
-                report(value, logged=True)
-            code = EXIT_FAILURE
-            break
-        elif kind == 'stopped':
-            code = EXIT_OK
-            break
-    if monitor is not None:
-        monitor.stopping = True
-    if started:
-        try:
-            zope.event.notify(gocept.amqprun.interfaces.ProcessStopping())
-        except Exception:
-            log.exception('A ProcessStopping subscriber failed.')
-            code = code or EXIT_FAILURE
-    if progress is not None:
-        progress.stop()
-    if started or kind == 'signal':
-        # Otherwise start() returned: there is nothing to stop.
-        server.stop()
-    runner.join(server.shutdown_timeout)
-    if monitor is not None:
-        monitor.stop()
-    return code
-
+    return Daemon(server, events, monitor, progress).run()
