@@ -139,6 +139,13 @@ class Server:
         return self.connection.running and all(
             w.is_alive() for w in self.workers)
 
+    def activity(self):
+        """What every worker does now: a list of `worker.Activity` (the
+        message id, queue and seconds of what it handles, or idle);
+        thread-safe."""
+        now = time.monotonic()
+        return [worker.activity(now) for worker in self.workers]
+
     def wait_until_running(self, timeout=None):
         """Wait until connected and consuming; return `running`."""
         return self.connection.wait_until_ready(timeout)

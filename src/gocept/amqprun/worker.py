@@ -12,6 +12,7 @@ parked copy); never both. A delivery whose channel is gone is left to the
 broker, which redelivers it.
 """
 
+import collections
 import hashlib
 import logging
 import threading
@@ -43,14 +44,38 @@ class Retry:
         self.error = error
 
 
+class Activity(collections.namedtuple(
+        'Activity', 'worker thread_id message_id queue seconds')):
+    """What a worker does now: its name and thread id; the message id
+    and queue of the delivery it handles and for how many seconds (all
+    three None while it is idle)."""
+
+
 class Worker(threading.Thread):
     """Handles what the server's dispatcher gives it for slot `index`
-    until the dispatcher is closed."""
+    until the dispatcher is closed.
+
+    `current` is (delivery, time.monotonic() when it started) while the
+    worker handles a delivery, else None. Only the worker thread sets it,
+    as one tuple, so any thread reads a consistent pair (see `activity`).
+    """
+
+    current = None
 
     def __init__(self, server, index):
         super().__init__(name=f'amqprun-worker-{index}', daemon=True)
         self.server = server
         self.index = index
+
+    def activity(self, now=None):
+        """What this worker does now (an `Activity`); thread-safe."""
+        current = self.current
+        if current is None:
+            return Activity(self.name, self.ident, None, None, None)
+        delivery, started = current
+        return Activity(
+            self.name, self.ident, delivery.header.message_id,
+            delivery.queue, (now or time.monotonic()) - started)
 
     def run(self):
         dispatcher = self.server.dispatcher
@@ -59,6 +84,7 @@ class Worker(threading.Thread):
             if item is None:
                 return
             delivery = item.delivery if isinstance(item, Retry) else item
+            self.current = (delivery, time.monotonic())
             try:
                 with gocept.amqprun.log.handling(
                         delivery.header.message_id, delivery.queue):
@@ -74,6 +100,8 @@ class Worker(threading.Thread):
             except Exception:
                 # handle() logs what it can; a worker never dies.
                 log.exception('Unexpected error in %s', self.name)
+            finally:
+                self.current = None
 
     def quarantine(self, delivery):
         """`delivery` came back unsettled: count it (see `retry`)."""

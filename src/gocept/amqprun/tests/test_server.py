@@ -224,3 +224,31 @@ def test_duplicate_queue_is_an_error_naming_it(amqp_parameters, zca):
     with pytest.raises(gocept.amqprun.server.DuplicateQueueError,
                        match="'same.q'.*'one' and 'two'"):
         gocept.amqprun.server.Server(amqp_parameters)
+
+
+def test_activity_names_what_each_worker_handles(
+        run_server, zca, amqp_client, name_prefix):
+    release = threading.Event()
+
+    @gocept.amqprun.handler.declare(f'{name_prefix}.slow', f'{name_prefix}.s')
+    def slow(message):
+        release.wait(10)
+    register(zca, slow)
+    server = run_server(workers=2)
+    idle = server.activity()
+    assert [(a.worker, a.message_id, a.queue, a.seconds) for a in idle] == [
+        ('amqprun-worker-0', None, None, None),
+        ('amqprun-worker-1', None, None, None)]
+    message_id = amqp_client.send(f'{name_prefix}.s', b'')
+    try:
+        gocept.amqprun.testing.wait_for(
+            lambda: any(a.message_id for a in server.activity()))
+        [busy] = [a for a in server.activity() if a.message_id]
+        assert (busy.message_id, busy.queue) == (
+            message_id, f'{name_prefix}.slow')
+        assert 0 <= busy.seconds < 10
+        assert busy.thread_id in {w.ident for w in server.workers}
+    finally:
+        release.set()
+    gocept.amqprun.testing.wait_for(
+        lambda: not any(a.message_id for a in server.activity()))
