@@ -25,6 +25,7 @@ import functools
 import logging
 import random
 import threading
+import time
 
 import pika
 import pika.exceptions
@@ -93,6 +94,10 @@ class Connection:
         self._current = 0
         self._pika = None
         self._ioloop = None
+        # The broker address (a URL without the password) and the
+        # time.time() of the current connection; None while there is none.
+        self.address = None
+        self.connected_since = None
         self._pending_calls = collections.deque()
         self._wake_pending = False
         self._calls_lock = threading.Lock()
@@ -245,7 +250,9 @@ class Connection:
             custom_ioloop=self._ioloop)
 
     def _on_open(self, connection):
-        log.info('Connected to %s', safe_url(connection.params))
+        self.address = safe_url(connection.params)
+        self.connected_since = time.time()
+        log.info('Connected to %s', self.address)
         gocept.amqprun.transport.batch_writes(connection)
         if self._ever_connected and self.stats is not None:
             self.stats.reconnected()
@@ -284,6 +291,7 @@ class Connection:
         self._ready.clear()
         self._open.clear()
         self._pika = None
+        self.address = self.connected_since = None
         if self._declaration is not None:
             self._declaration.cancel()
             self._declaration = None

@@ -7,6 +7,7 @@ import gocept.amqprun.server
 import gocept.amqprun.testing
 import pytest
 import threading
+import time
 import transaction
 import zope.component
 import zope.interface.verify
@@ -252,3 +253,12 @@ def test_activity_names_what_each_worker_handles(
         release.set()
     gocept.amqprun.testing.wait_for(
         lambda: not any(a.message_id for a in server.activity()))
+
+
+def test_connection_names_its_broker_and_since_when(run_server, zca):
+    before = time.time()
+    server = run_server(setup_handlers=False)
+    connection = server.connection
+    assert connection.address.startswith('amqp://guest@')
+    assert ':guest@' not in connection.address
+    assert before <= connection.connected_since <= time.time()
