@@ -5,45 +5,33 @@ thread touches pika. Here are the objects that cross it:
 
 - `Slot`: a logical channel that survives reconnects. `Slot.commit` is
   thread-safe: it hands the work to the IO thread and waits for an
-  `Outcome`. Every other method of a Slot runs in the IO thread.
+  `outcome.Outcome` (or, with ``wait=False``, has the IO thread call a
+  callback). Every other method of a Slot runs in the IO thread.
 - `Delivery`: a received message as a worker gets it, tied to the slot
   and the epoch (the pika channel) it came on.
-- `outcome.Outcome`: the one-shot result the IO thread hands back.
 
 A slot's `epoch` counts the pika channels it has had. A delivery
 remembers the epoch it came with; settling it on a later epoch is refused
 locally with `ChannelLost` (acking an old delivery tag on a new channel
 would close that channel; the broker has already requeued it).
 
-Every slot's channel is in transaction mode: what a `Slot.commit`
-publishes, ACKs and rejects reaches the broker in one AMQP transaction.
-Different slots commit concurrently; the commits of one slot follow each
-other: the next one's frames are sent only after the broker confirmed the
-previous one (RabbitMQ closes the connection, 504, when a channel gets
-anything while it processes ``Tx.Commit``). A commit fails with
-`ChannelLost` when the broker certainly did not commit it, and with
-`CommitInDoubt` when the connection went after ``Tx.Commit`` was sent.
-
-In the opt-in confirm mode the channels use publisher confirms instead: a
-commit publishes, waits for the confirms and only then ACKs --
-at-least-once, as a crash in between repeats publishes. A NACK fails it
-with `ChannelLost`, so does a lost channel when the commit belongs to a
-delivery (which is then not ACKed, and comes again); a lost channel
-before the confirms of mere publishes leaves them in doubt
-(`CommitInDoubt`).
+What a channel does with commits -- group commits in transaction mode,
+publisher confirms in confirm mode -- is `commits`. A slot also knows
+which of its deliveries are not settled yet: when the broker closes the
+channel, they return to their queues, and the connection is told which
+(`Connection.returned`), so that they are not mistaken for messages that
+killed a process when they come back (see `settlement`).
 """
 
-import collections
 import functools
 import logging
 
 import pika.exceptions
-import pika.spec
 
 from gocept.amqprun.errors import ChannelLost
-from gocept.amqprun.errors import CommitInDoubt
 from gocept.amqprun.errors import ConnectionUnavailable
 from gocept.amqprun.outcome import Outcome
+import gocept.amqprun.commits
 import gocept.amqprun.errors
 import gocept.amqprun.properties
 
@@ -59,7 +47,8 @@ class Delivery:
     """
 
     __slots__ = ('slot', 'epoch', 'delivery_tag', 'routing_key', 'exchange',
-                 'redelivered', 'header', 'body', 'queue', 'source')
+                 'redelivered', 'header', 'body', 'queue', 'source', 'alone',
+                 'expected')
 
     def __init__(self, slot, epoch, delivery_tag, routing_key, exchange,
                  redelivered, header, body, queue, source=None):
@@ -73,6 +62,10 @@ class Delivery:
         self.body = body
         self.queue = queue
         self.source = source or queue
+        # Its commit goes in a transaction of its own (see `commits`).
+        self.alone = False
+        # It came back for a reason this process saw (see `settlement`).
+        self.expected = False
 
     def __repr__(self):
         return (f'<Delivery {self.header.message_id} from {self.source!r} '
@@ -85,7 +78,7 @@ class Delivery:
 
 
 class Slot:
-    """A logical channel in transaction mode that survives reconnects.
+    """A logical channel that survives reconnects.
 
     Consumer slots consume from every queue of the connection and pass
     deliveries to `on_delivery` (called in the IO thread; it must not
@@ -97,19 +90,14 @@ class Slot:
         self.name = name
         self.on_delivery = on_delivery
         self.epoch = 0
-        # Deliveries of this slot a worker is handling (workers add and
-        # remove them; the IO thread only copies it).
-        self.handling = set()
         # IO thread only:
         self.channel = None
         self.opening = False
         self.consumer_tags = []
-        self._pending = []        # outcomes awaiting Commit-Ok, in order
-        self._waiting = []        # commits waiting for the channel to open
-        self._queued = collections.deque()   # commits after the pending
-        self._sequence = 0        # confirm mode: publishes on the channel
-        self._unconfirmed = set()
-        self._confirms = []       # (first, last, outcome, ack, reject)
+        self.commits = None     # commits.Transactions/Confirms of channel
+        self._waiting = []      # commits waiting for the channel to open
+        # Deliveries received and not yet settled by a commit, by tag.
+        self._unsettled = {}
 
     def __repr__(self):
         return f'<Slot {self.name} epoch={self.epoch}>'
@@ -120,17 +108,24 @@ class Slot:
         return (self.channel is not None and self.channel.is_open
                 and not self.opening)
 
+    @property
+    def busy(self):
+        """IO thread: whether commits wait for the channel or the
+        broker."""
+        return bool(self._waiting or (self.commits and self.commits.busy))
+
     # Thread-safe API
 
     def commit(self, epoch=None, publishes=(), ack=None, reject=None,
-               timeout=None, wait=True, on_failure=None, on_success=None):
-        """Publish, ACK and reject in one AMQP transaction; thread-safe.
+               timeout=None, wait=True, callback=None, alone=False):
+        """Publish, ACK and reject in one commit; thread-safe.
 
         epoch: the epoch of the delivery to ack/reject; None to use
             whatever channel the slot has (waiting for one if necessary).
         publishes: (exchange, routing_key, Header, body) tuples.
         ack: a delivery tag to ACK, or a list of them.
         reject: (delivery tag, requeue) to reject.
+        alone: in a transaction of its own (see `commits`).
 
         Returns when the broker confirmed the commit. Raises ChannelLost
         when the broker certainly did not commit (the channel went before
@@ -139,22 +134,21 @@ class Slot:
         was NACKed or not confirmed), CommitInDoubt when the connection
         went after ``Tx.Commit`` was sent, and ConnectionUnavailable when
         no channel came up within `timeout` (default: the send_timeout
-        parameter). With `wait=False` it returns at once; a failure is
-        then logged, and in confirm mode a NACK calls `on_failure(error)`
-        in the IO thread (the channel lives on, the input is not ACKed),
-        the confirms `on_success()`.
+        parameter). With `wait=False` it returns at once and the IO thread
+        calls `callback(error)` (None: committed) when the outcome is
+        known; without a callback a failure is logged.
         """
         if epoch is not None and epoch != self.epoch:
             raise ChannelLost(f'{self}: channel of epoch {epoch} is gone')
         if timeout is None:
-            timeout = self.connection.parameters.send_timeout
-        outcome = Outcome()
-        outcome.log_errors = not wait
-        outcome.on_nack = on_failure
-        outcome.on_success = on_success
-        outcome.for_delivery = epoch is not None
-        self.connection.call(
-            self._commit, outcome, epoch, tuple(publishes), ack, reject)
+            timeout = self.connection.send_timeout
+        if not wait and callback is None:
+            callback = self._log_failure
+        outcome = Outcome(callback)
+        acks = tuple(ack) if isinstance(ack, list) else (
+            () if ack is None else (ack,))
+        self.connection.call(self._commit, gocept.amqprun.commits.Commit(
+            outcome, epoch, tuple(publishes), acks, reject, alone))
         if not wait:
             return None
         try:
@@ -167,134 +161,37 @@ class Slot:
             # Already handed to the broker: its outcome is what counts.
             return outcome.result()
 
+    @staticmethod
+    def _log_failure(error):
+        if error is not None:
+            log.warning('A commit nobody waits for failed: %s', error)
+
     # IO thread
 
-    def _commit(self, outcome, epoch, publishes, ack, reject):
-        if epoch is not None and epoch != self.epoch:
+    def _commit(self, commit):
+        outcome = commit.outcome
+        if commit.epoch is not None and (
+                commit.epoch != self.epoch or self.channel is None
+                or not self.channel.is_open):
+            # The delivery's channel is gone (it may still be starting to
+            # consume from further queues: deliveries of the first come
+            # already, so an open channel is enough).
             if outcome.set_running_or_notify_cancel():
                 outcome.set_exception(ChannelLost(
-                    f'{self}: channel of epoch {epoch} is gone'))
-            return
-        if epoch is not None:
-            # The delivery's channel; it may still be starting to consume
-            # from further queues (deliveries of the first come already).
-            if self.channel is None or not self.channel.is_open:
-                if outcome.set_running_or_notify_cancel():
-                    outcome.set_exception(ChannelLost(
-                        f'{self}: channel is closed'))
-                return
-        elif not self.usable:
-            self._waiting.append((outcome, epoch, publishes, ack, reject))
-            return
-        confirm = self.connection.confirm
-        if self._pending and not confirm:
-            self._queued.append((outcome, epoch, publishes, ack, reject))
-            return
-        if not outcome.set_running_or_notify_cancel():
-            return
-        channel = self.channel
-        if confirm:
-            self._commit_confirmed(outcome, channel, publishes, ack, reject)
-            return
-        try:
-            self._publish(channel, publishes)
-            self._settle(channel, ack, reject)
-            self._pending.append(outcome)
-            channel.tx_commit(callback=functools.partial(
-                self._committed, outcome))
-        except Exception as e:
-            if outcome in self._pending:
-                self._pending.remove(outcome)
-            outcome.set_exception(ChannelLost(f'{self}: {e}'))
-            self._commit_queued()
-
-    def _commit_queued(self):
-        """Send the commits queued behind the one just confirmed."""
-        while self._queued and not self._pending:
-            self._commit(*self._queued.popleft())
-
-    @staticmethod
-    def _publish(channel, publishes):
-        to_properties = gocept.amqprun.properties.properties_from
-        for exchange, routing_key, header, body in publishes:
-            channel.basic_publish(
-                exchange, routing_key, body, to_properties(header))
-
-    @staticmethod
-    def _settle(channel, ack, reject):
-        if isinstance(ack, list):
-            for tag in ack:
-                channel.basic_ack(tag)
-        elif ack is not None:
-            channel.basic_ack(ack)
-        if reject is not None:
-            channel.basic_reject(reject[0], requeue=reject[1])
-
-    def _commit_confirmed(self, outcome, channel, publishes, ack, reject):
-        """Confirm mode: publish, wait for the broker's confirms, then
-        ACK/reject (at-least-once: a crash in between repeats the
-        publishes)."""
-        try:
-            first = self._sequence + 1
-            self._publish(channel, publishes)
-            self._sequence += len(publishes)
-            self._unconfirmed.update(range(first, self._sequence + 1))
-            if not publishes:
-                self._settle(channel, ack, reject)
-                outcome.set_result(None)
-                return
-        except Exception as e:
-            outcome.set_exception(ChannelLost(f'{self}: {e}'))
-            return
-        self._pending.append(outcome)
-        self._confirms.append((first, self._sequence, outcome, ack, reject))
-
-    def _on_confirm(self, frame):
-        method = frame.method
-        if method.multiple:
-            confirmed = {n for n in self._unconfirmed
-                         if n <= method.delivery_tag}
+                    f'{self}: channel of epoch {commit.epoch} is gone'))
+        elif commit.epoch is None and not self.usable:
+            self._waiting.append(commit)
         else:
-            confirmed = {method.delivery_tag}
-        self._unconfirmed -= confirmed
-        nacked = confirmed if isinstance(
-            method, pika.spec.Basic.Nack) else ()
-        unconfirmed = self._unconfirmed
-        remaining = []
-        # Per entry, look up its own few publishes: the entries and the
-        # unconfirmed publishes both number up to the prefetch.
-        for entry in self._confirms:
-            first, last, outcome, ack, reject = entry
-            if nacked and any(n in nacked for n in range(first, last + 1)):
-                self._pending.remove(outcome)
-                error = ChannelLost(
-                    f'{self}: the broker did not accept a publish '
-                    '(basic.nack)')
-                outcome.set_exception(error)
-                if outcome.on_nack is not None:
-                    outcome.on_nack(error)
-            elif any(n in unconfirmed for n in range(first, last + 1)):
-                remaining.append(entry)
-            else:
-                self._pending.remove(outcome)
-                try:
-                    self._settle(self.channel, ack, reject)
-                except Exception as e:
-                    outcome.set_exception(ChannelLost(f'{self}: {e}'))
-                else:
-                    outcome.set_result(None)
-                    if outcome.on_success is not None:
-                        outcome.on_success()
-        self._confirms = remaining
+            self.commits.submit(commit)
 
-    def _committed(self, outcome, frame):
-        if outcome in self._pending:
-            self._pending.remove(outcome)
-            outcome.set_result(None)
-        self._commit_queued()
+    def committed(self, commit):
+        """`commit` is committed: its deliveries are settled."""
+        for tag in commit.tags:
+            self._unsettled.pop(tag, None)
 
-    def open(self):
-        """Open a new channel (a new epoch) on the current connection."""
+    def new_channel(self):
+        """Open a new pika channel on the current connection (the epoch
+        changed already when the old one was lost)."""
         self.opening = True
         self.channel = None
         self.connection.open_channel(self._on_open)
@@ -304,12 +201,12 @@ class Slot:
         channel.add_on_close_callback(self._on_close)
         channel.add_on_cancel_callback(self._on_cancelled_by_broker)
         if self.connection.confirm:
-            self._sequence = 0
-            self._unconfirmed = set()
-            self._confirms = []
+            self.commits = gocept.amqprun.commits.Confirms(self, channel)
             channel.confirm_delivery(
-                self._on_confirm, callback=self._on_mode_selected)
+                self.commits.on_confirm, callback=self._on_mode_selected)
         else:
+            self.commits = gocept.amqprun.commits.Transactions(
+                self, channel)
             channel.tx_select(callback=self._on_mode_selected)
 
     def _on_mode_selected(self, frame):
@@ -352,18 +249,20 @@ class Slot:
         self.opening = False
         log.debug('%s ready', self)
         waiting, self._waiting = self._waiting, []
-        for item in waiting:
-            self._commit(*item)
+        for commit in waiting:
+            self._commit(commit)
         self.connection.slot_ready(self)
 
     def _on_message(self, queue, channel, method, properties, body):
         if channel is not self.channel:
             return
-        self.on_delivery(Delivery(
+        delivery = Delivery(
             self, self.epoch, method.delivery_tag, method.routing_key,
             method.exchange, method.redelivered,
             gocept.amqprun.properties.header_from(properties), body,
-            queue.handler_queue, queue.name))
+            queue.handler_queue, queue.name)
+        self._unsettled[method.delivery_tag] = delivery
+        self.on_delivery(delivery)
 
     def _on_close(self, channel, reason):
         if channel is not self.channel:
@@ -375,49 +274,30 @@ class Slot:
         self.connection.slot_cancelled(self)
 
     def lost(self, reason):
-        """The current channel is gone: fail what waits on it.
-
-        A commit whose ``Tx.Commit`` was sent is in doubt -- unless the
-        broker closed the channel, which it does before processing later
-        frames: then every commit not confirmed yet was rolled back.
-        """
+        """The current channel is gone: fail the commits on it, and tell
+        the connection which deliveries return to their queues."""
         self.epoch += 1
         self.channel = None
         self.consumer_tags = []
-        self._confirms = []
-        self._unconfirmed = set()
-        pending, self._pending = self._pending, []
-        queued, self._queued = self._queued, collections.deque()
+        commits, self.commits = self.commits, None
+        unsettled, self._unsettled = self._unsettled, {}
         refused = isinstance(reason, pika.exceptions.ChannelClosedByBroker)
-        why = f'{self}: {gocept.amqprun.errors.reason(reason)}'
-        for outcome in pending:
-            if refused or (self.connection.confirm and outcome.for_delivery):
-                outcome.set_exception(ChannelLost(why, refused=refused))
-            else:
-                outcome.set_exception(CommitInDoubt(why))
-        for outcome, *rest in queued:
-            # Never sent.
-            if outcome.set_running_or_notify_cancel():
-                outcome.set_exception(ChannelLost(why))
-
-    def log_consumer_timeout(self):
-        """Name the deliveries being handled when the broker closed the
-        channel for a delivery unacknowledged beyond its consumer timeout;
-        thread-safe."""
-        being_handled = sorted(f'{d.header.message_id} from {d.source!r}'
-                               for d in list(self.handling))
-        log.error('%s: a delivery stayed unacknowledged longer than its '
-                  'consumer timeout. Being handled: %s. The channel\'s '
-                  'deliveries return and count as unsettled; raise the '
-                  'broker\'s consumer_timeout or shorten the handler.',
-                  self, ', '.join(being_handled) or 'nothing')
+        failed = []
+        if commits is not None:
+            why = f'{self}: {gocept.amqprun.errors.reason(reason)}'
+            failed = commits.lost(why, refused)
+        if unsettled:
+            self.connection.returned(
+                self, list(unsettled.values()), reason,
+                {tag for commit in failed for tag in commit.tags})
+        self.connection.check_idle()
 
     def fail_waiting(self, error):
         """Fail the commits waiting for a channel (the connection ends)."""
         waiting, self._waiting = self._waiting, []
-        for outcome, *rest in waiting:
-            if outcome.set_running_or_notify_cancel():
-                outcome.set_exception(error)
+        for commit in waiting:
+            if commit.outcome.set_running_or_notify_cancel():
+                commit.outcome.set_exception(error)
         self.lost(error)
 
     def cancel(self, done):

@@ -53,31 +53,37 @@ class Connection:
         `consumers`) consume from.
     consumers: the number of consumer slots (one channel each).
     prefetch: unacked deliveries per consumer slot and queue.
-    on_delivery: a function(index) returning the delivery callback of
-        consumer slot `index`.
+    on_delivery: called with each `channel.Delivery` in the IO thread;
+        must not block.
     on_ready: called in the IO thread each time the connection is up and
         all consumer slots consume; must not block.
+    on_returned: called in the IO thread with (slot, deliveries, reason,
+        failed tags) when a consumer channel went with deliveries that
+        were not settled (they return to their queues); `failed tags`
+        are those of a group commit the broker refused (see `commits`).
     confirm: commit with publisher confirms instead of AMQP transactions
         (publish, wait for the confirms, then ACK): at-least-once.
     stats: a `stats.Stats` that counts the reconnects, or None.
     """
 
     def __init__(self, parameters, queues=(), consumers=0, prefetch=2,
-                 on_delivery=None, on_ready=None, confirm=False, stats=None):
+                 on_delivery=None, on_ready=None, confirm=False, stats=None,
+                 on_returned=None):
         self.parameters = parameters
         self.stats = stats
         self.confirm = confirm
         self.on_ready = on_ready
+        self.on_returned = on_returned
         self.queues = list(queues)
         self.prefetch = prefetch
         self.consumer_slots = [
-            Slot(self, f'consumer-{i}', on_delivery(i))
+            Slot(self, f'consumer-{i}', on_delivery)
             for i in range(consumers)]
         self._sender_slots = []
         self._free_senders = []
         self._sender_lock = threading.Lock()
         self._ready = threading.Event()
-        self._open = threading.Event()
+        self._connected = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()     # not running
         self._failure = None
@@ -101,6 +107,9 @@ class Connection:
         self._pending_calls = collections.deque()
         self._wake_pending = False
         self._calls_lock = threading.Lock()
+        self._in_calls = False
+        self._deferred = []
+        self._idle_waiters = []     # called when no commit is left
 
     # Thread-safe API
 
@@ -114,19 +123,34 @@ class Connection:
         return self._ready.wait(timeout)
 
     @property
-    def running(self):
+    def alive(self):
         """True while `run` runs its IO loop (also while reconnecting)."""
         return not self._stopped.is_set()
 
     @property
-    def open(self):
+    def connected(self):
         """True while connected (the queues declared)."""
-        return self._open.is_set()
+        return self._connected.is_set()
 
-    def wait_until_open(self, timeout=None):
+    @property
+    def send_timeout(self):
+        """Seconds a commit waits for a channel (the parameters')."""
+        return self.parameters.send_timeout
+
+    def wait_for_commits(self, timeout):
+        """Wait until no consumer slot has a commit waiting or in flight
+        (or the IO loop ended); return whether that happened within
+        `timeout` seconds; thread-safe."""
+        if self._stopped.is_set():
+            return True
+        idle = threading.Event()
+        self.call(self._when_idle, idle.set)
+        return idle.wait(timeout) or self._stopped.is_set()
+
+    def wait_until_connected(self, timeout=None):
         """Wait until connected (the queues declared); return whether it
         is; thread-safe."""
-        return self._open.wait(timeout)
+        return self._connected.wait(timeout)
 
     def acquire_sender(self):
         """Return a sender Slot for the caller's exclusive use until
@@ -188,10 +212,48 @@ class Connection:
     def _run_calls(self):
         self._wake_pending = False
         pending = self._pending_calls
-        while pending:
-            pending.popleft()()
+        self._in_calls = True
+        try:
+            while pending:
+                pending.popleft()()
+        finally:
+            self._in_calls = False
+            deferred, self._deferred = self._deferred, []
+            for function in deferred:
+                function()
 
     # IO thread
+
+    def defer(self, function):
+        """Run `function` after the calls at hand (see `call`), or now
+        when there are none: what they hand over meanwhile is then seen
+        by it as one batch."""
+        if self._in_calls:
+            self._deferred.append(function)
+        else:
+            function()
+
+    def _when_idle(self, callback):
+        self._idle_waiters.append(callback)
+        self.check_idle()
+
+    def check_idle(self):
+        """A slot's commits settled: call those waiting for no commit
+        being left, if none is."""
+        if self._idle_waiters and not any(
+                slot.busy for slot in self.consumer_slots):
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for callback in waiters:
+                callback()
+
+    def returned(self, slot, deliveries, reason, failed_tags):
+        """Consumer `slot` lost its channel with `deliveries` unsettled;
+        they return to their queues (see `on_returned`)."""
+        if self.on_returned is not None:
+            try:
+                self.on_returned(slot, deliveries, reason, failed_tags)
+            except Exception:
+                log.exception('Error in on_returned callback')
 
     def run(self):
         """Connect and run until `close()`. Reconnects on losses.
@@ -213,12 +275,15 @@ class Connection:
             self._ioloop.start()
         finally:
             self._ready.clear()
-            self._open.clear()
+            self._connected.clear()
             with self._calls_lock:
                 ioloop, self._ioloop = self._ioloop, None
             error = ConnectionUnavailable('connection closed')
             for slot in self._all_slots():
                 slot.fail_waiting(error)
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for callback in waiters:
+                callback()
             if ioloop is not None:
                 ioloop.close()
             self._stopped.set()
@@ -229,8 +294,9 @@ class Connection:
         """Run `function` in the IO thread after `delay` seconds."""
         self._ioloop.call_later(delay, function)
 
-    def is_open(self):
-        """Whether the pika connection is open."""
+    def _pika_open(self):
+        """Whether the pika connection is open (before the queues are
+        declared, too)."""
         return self._pika is not None and self._pika.is_open
 
     def open_channel(self, on_open):
@@ -289,7 +355,7 @@ class Connection:
 
     def _on_close(self, connection, why):
         self._ready.clear()
-        self._open.clear()
+        self._connected.clear()
         self._pika = None
         self.address = self.connected_since = None
         if self._declaration is not None:
@@ -309,7 +375,7 @@ class Connection:
 
     def reconnect(self, why):
         """Drop the connection; `_on_close` reconnects."""
-        if self.is_open():
+        if self._pika_open():
             log.error('Reconnecting: %s', why)
             self._pika.close(320, 'reconnecting')
 
@@ -331,7 +397,7 @@ class Connection:
             self._ioloop.call_later(delay, self._declare_missing)
         else:
             self._missing_attempts = 0
-        if self._open.is_set():
+        if self._connected.is_set():
             # Queues declared again later: consume them now.
             added = [q for q in declared if q.consume]
             for slot in self.consumer_slots:
@@ -341,7 +407,7 @@ class Connection:
             self._open_slots()
 
     def _declare_missing(self):
-        if not self.is_open() or not self._missing \
+        if not self._pika_open() or not self._missing \
                 or self._declaration is not None:
             return
         missing = [q for q in self.queues if q in self._missing]
@@ -350,9 +416,9 @@ class Connection:
         self._declaration.start()
 
     def _open_slots(self):
-        self._open.set()
+        self._connected.set()
         for slot in self._all_slots():
-            slot.open()
+            slot.new_channel()
         if not self.consumer_slots:
             self._set_ready()
 
@@ -367,8 +433,8 @@ class Connection:
                 log.exception('Error in on_ready callback')
 
     def _open_sender(self, slot):
-        if self.is_open() and slot.channel is None and not slot.opening:
-            slot.open()
+        if self._pika_open() and slot.channel is None and not slot.opening:
+            slot.new_channel()
 
     def consumption(self, slot, queues=None):
         """[(prefetch or None, [queues])] that consumer `slot` consumes of
@@ -397,7 +463,7 @@ class Connection:
     def slot_closed(self, slot, why):
         """The broker closed the channel of `slot`: reopen it later, or
         redeclare everything if a queue went away."""
-        if not self.is_open() or self._closing:
+        if not self._pika_open() or self._closing:
             return
         self._ready.clear()
         if getattr(why, 'reply_code', None) == 404 \
@@ -406,16 +472,14 @@ class Connection:
             self.reconnect(f'{slot}: {reason(why)}')
             return
         delay = self.parameters.retry_delay
-        if gocept.amqprun.errors.timed_out(why):
-            slot.log_consumer_timeout()
         log.warning('%s: channel closed by the broker (%s); reopening in '
                     '%.1f s', slot, reason(why), delay)
         self._ioloop.call_later(delay, functools.partial(
             self._reopen, slot))
 
     def _reopen(self, slot):
-        if self.is_open() and slot.channel is None and not self._closing:
-            slot.open()
+        if self._pika_open() and slot.channel is None and not self._closing:
+            slot.new_channel()
 
     def slot_cancelled(self, slot):
         """The broker cancelled a consumer of `slot` (its queue was

@@ -1,220 +1,167 @@
 """Handing deliveries to idle workers.
 
-Every worker has a channel of its own (a consumer slot): commits of
-different workers run concurrently on different channels. The broker
-pushes deliveries to channels, not to idle workers, so a channel whose
-worker is busy with a slow handler would keep its prefetched deliveries
-waiting while other workers idle. The `Dispatcher` prevents that:
-
-- a delivery goes into the backlog of the slot it came on;
-- a worker takes the oldest of: its own slot's next delivery, and the
-  next deliveries of slots whose worker has been busy for `STEAL_AFTER`
-  seconds or more (or is not there); the commit then goes on that slot's
-  channel, as the ACK must go on the channel the delivery came on;
-- a worker with nothing to take waits, and looks again every
-  `STEAL_AFTER` seconds.
-
-So a delivery waits for a busy worker at most `STEAL_AFTER` (plus the
-look) while another worker is idle, and is not overtaken by later ones
-for longer because its channel's worker is slow. Below that, a worker
-keeps its own channel's deliveries: moving them to another worker would
-only queue their commit behind its own on the same channel and cost
-thread switches. Two workers may commit on one channel; `channel.Slot`
-sends one commit after the other, so the transactions never mix.
+All deliveries, whichever channel they came on, go into one backlog,
+oldest first; an idle worker takes the oldest. Workers do not own
+channels: a worker's commit goes on the channel its delivery came on (the
+ACK must), and commits of many workers on one channel go out together
+(see `channel`). So no delivery waits while a worker is idle, and none is
+overtaken by later ones.
 
 An *isolated* delivery (one from a quarantine queue, see `retry`) runs
 alone: when it is the next to take, no worker starts anything new until
 every running handler has finished, and nothing else starts while it
 runs. Should it kill the process, nothing else was running then.
 
-Why no lock on the common path: the IO thread puts every delivery and
-each worker gets once per message, so this is the hot path: a version
-with one lock shared by all of them cost 15-20 us of CPU per message
-(confirm mode, 8 workers, benchmarks/echo.py: 0.11 instead of 0.09 ms);
-this one costs what per-worker queues cost. The backlogs are deques (append and popleft are
-atomic), each worker sleeps on a queue of its own, and the shared flags
-are written before the state they guard is read (a worker says it waits
-before it looks again; a producer appends before it looks who waits), so
-that of two threads at least one sees the other. Isolation, which is
-rare, takes a lock.
+Threads: `put` may be called from any thread (the IO thread does), `get`
+only by the worker of the index it names. The common path takes one
+small lock per `put` (to pick the worker to wake) and none per `get`:
+the backlog is a deque (append and popleft are atomic in CPython and
+documented thread-safe), each worker sleeps on a queue of its own, and a
+worker records that it waits (under the lock) before it looks into the
+backlog once more -- so a delivery put meanwhile is either seen by that
+look or wakes it. Isolation, which is rare, takes a second lock; the
+worker marks itself busy before it reads the isolation state, and the
+isolating worker reads the busy marks after it set that state, so that
+of the two at least one sees the other.
 """
 
 import collections
-import itertools
 import queue
 import threading
-import time
 
 
-STEAL_AFTER = 0.05    # seconds
+# Seconds after which a waiting worker looks again on its own. Not needed
+# for progress (a put always wakes a waiting worker); it bounds the harm
+# of a bug in the wake-up protocol.
+LOOK_AGAIN = 1.0
 
 
 class Dispatcher:
-    """Backlogs per slot index and the workers waiting for them.
+    """The backlog of deliveries and the `size` workers taking them.
 
-    `put` may be called from any thread (the IO thread does); `get` by
-    the worker of the index it names, which thereby also says that it
-    finished what it got before. After `close`, `get` returns None.
-    `steal_after` (default `STEAL_AFTER`; 0: at once) is how long a
-    worker must have been busy before others take its slot's deliveries.
+    `get(index)` by worker `index` also says that it finished what it got
+    before. After `close`, `get` returns None.
     """
 
-    def __init__(self, size, steal_after=None):
-        self.steal_after = STEAL_AFTER if steal_after is None \
-            else steal_after
-        # Entries: (sequence number, item, isolated).
-        self._backlogs = [collections.deque() for _ in range(size)]
+    def __init__(self, size):
+        self._backlog = collections.deque()     # (item, isolated)
         self._bells = [queue.SimpleQueue() for _ in range(size)]
-        self._waiting = [False] * size
-        # When each worker took what it handles now, or None.
-        self._busy_since = [None] * size
-        self._sequence = itertools.count()
+        self._wake_lock = threading.Lock()
+        self._waiting = []        # indexes of waiting workers, under lock
+        # Per worker: True while it handles what it took (written by
+        # that worker only).
+        self._busy = [False] * size
         self._closed = False
         self._isolation = threading.Lock()
-        # The backlog whose next item is isolated and waits for the
-        # running handlers to finish (nothing new starts meanwhile).
-        self._draining = None
-        self._isolated = None     # the worker running an isolated item
+        # An isolated item is waiting for the running handlers to finish
+        # (nothing new starts meanwhile), or the index of the worker
+        # running it.
+        self._draining = False
+        self._isolated = None
 
-    def put(self, index, item, isolated=False):
-        """Queue `item` (a delivery) that came on slot `index` and wake a
-        waiting worker: its own if it waits, else another if the own one
-        has been busy for `steal_after`."""
-        self._backlogs[index].append((next(self._sequence), item, isolated))
-        if self._waiting[index]:
-            self._wake(index)
-        elif self._slow(index, time.monotonic()):
-            for other, waiting in enumerate(self._waiting):
-                if waiting:
-                    self._wake(other)
-                    break
-
-    def _wake(self, index):
-        self._waiting[index] = False
-        self._bells[index].put(None)
-
-    def _slow(self, index, now):
-        """Whether others may take slot `index`'s deliveries: its worker
-        has been busy for steal_after, or it neither works nor waits
-        (it is between two items, or gone)."""
-        since = self._busy_since[index]
-        if since is None:
-            return not self._waiting[index]
-        return now - since >= self.steal_after
+    def put(self, item, isolated=False):
+        """Queue `item` and wake a waiting worker, if there is one."""
+        self._backlog.append((item, isolated))
+        with self._wake_lock:
+            if self._waiting:
+                self._bells[self._waiting.pop()].put(None)
 
     def get(self, index):
-        """The next item for the worker of slot `index`: waits until
-        there is one it may take; None once closed."""
-        self._busy_since[index] = None
+        """The next item for worker `index`: waits until there is one it
+        may take; None once closed."""
+        self._busy[index] = False
         if self._isolated == index:
-            # The isolated item is done: let everybody go on.
-            with self._isolation:
-                self._isolated = None
-            for other, waiting in enumerate(self._waiting):
-                if waiting:
-                    self._wake(other)
+            self._end_isolation()
         bell = self._bells[index]
-        timeout = self.steal_after or None
-        while True:
-            if self._closed:
-                return None
+        while not self._closed:
             item = self._take(index)
             if item is not None:
                 return item
-            self._waiting[index] = True
-            item = self._take(index)    # a put may have missed the flag
+            with self._wake_lock:
+                self._waiting.append(index)
+            item = self._take(index)     # a put may have come meanwhile
             if item is not None:
-                self._waiting[index] = False
+                self._stop_waiting(index)
                 return item
             try:
-                bell.get(timeout=timeout)
+                bell.get(timeout=LOOK_AGAIN)
             except queue.Empty:
                 pass
-            self._waiting[index] = False
+            self._stop_waiting(index)
+        return None
+
+    def _stop_waiting(self, index):
+        with self._wake_lock:
+            if index in self._waiting:
+                self._waiting.remove(index)
 
     def _take(self, index):
         """The item for worker `index` now, or None; marks it busy."""
-        busy = self._busy_since
-        now = time.monotonic()
         # Busy before it looks at the isolation state (see above).
-        busy[index] = now
-        if self._draining is not None or self._isolated is not None:
-            item = self._take_isolated(index)
-            if item is None:
-                busy[index] = None
+        self._busy[index] = True
+        if self._draining or self._isolated is not None:
+            return self._take_isolated(index)
+        try:
+            item, isolated = self._backlog.popleft()
+        except IndexError:
+            self._busy[index] = False
+            return None
+        if not isolated:
             return item
-        backlogs = self._backlogs
-        while True:
-            # The oldest head among its own backlog and those it may take
-            # from (_slow is asked only of heads older than the best).
-            chosen = oldest = None
-            for i, backlog in enumerate(backlogs):
-                if not backlog:
-                    continue
-                try:
-                    head = backlog[0][0]
-                except IndexError:      # emptied meanwhile
-                    continue
-                if (oldest is None or head < oldest) and (
-                        i == index or self._slow(i, now)):
-                    chosen, oldest = backlog, head
-            if chosen is None:
-                busy[index] = None
-                return None
-            try:
-                entry = chosen.popleft()
-            except IndexError:
-                continue        # taken by another worker meanwhile
-            if not entry[2]:
-                return entry[1]
-            # Isolated: back to the head; it waits for the others.
-            chosen.appendleft(entry)
-            busy[index] = None
-            with self._isolation:
-                if self._draining is None and self._isolated is None:
-                    self._draining = chosen
-            item = self._take_isolated(index)
-            if item is not None:
-                busy[index] = now
-            return item
+        # Back to the head: it waits for the running handlers.
+        self._backlog.appendleft((item, isolated))
+        with self._isolation:
+            if self._isolated is None:
+                self._draining = True
+        return self._take_isolated(index)
 
     def _take_isolated(self, index):
         """While an isolated item waits or runs: the isolated item if
-        nothing else runs (then worker `index` runs it), else None."""
+        nothing else runs (worker `index` then runs it), else None."""
         with self._isolation:
-            if self._isolated is not None or self._draining is None:
+            if self._isolated is not None or not self._draining or any(
+                    busy for i, busy in enumerate(self._busy)
+                    if i != index):
+                self._busy[index] = False
                 return None
-            if any(since is not None for i, since in
-                   enumerate(self._busy_since) if i != index):
+            try:
+                item, isolated = self._backlog.popleft()
+            except IndexError:      # closed meanwhile
+                self._draining = False
+                self._busy[index] = False
+                return None
+            if not isolated:     # (an isolated item must be first here)
+                self._backlog.appendleft((item, isolated))
+                self._busy[index] = False
                 return None
             # Isolated before no longer draining: a worker reading both
             # without the lock sees one of them set.
-            backlog = self._draining
             self._isolated = index
-            self._draining = None
-            try:
-                entry = backlog.popleft()
-            except IndexError:      # (closed meanwhile)
-                self._isolated = None
-                return None
-            self._busy_since[index] = time.monotonic()
-            return entry[1]
+            self._draining = False
+            return item
+
+    def _end_isolation(self):
+        with self._isolation:
+            self._isolated = None
+        with self._wake_lock:
+            waiting, self._waiting = self._waiting, []
+        for other in waiting:
+            self._bells[other].put(None)
 
     def close(self):
         """Make every `get` return None (now and from now on); return the
         items that were not taken."""
         self._closed = True
         left = []
-        for backlog in self._backlogs:
-            while True:
-                try:
-                    left.append(backlog.popleft()[1])
-                except IndexError:
-                    break
-        for index, bell in enumerate(self._bells):
+        while True:
+            try:
+                left.append(self._backlog.popleft()[0])
+            except IndexError:
+                break
+        for bell in self._bells:
             bell.put(None)
         return left
 
     def __len__(self):
-        """The number of items waiting in all backlogs."""
-        return sum(len(backlog) for backlog in self._backlogs)
+        """The number of items waiting in the backlog."""
+        return len(self._backlog)

@@ -26,12 +26,16 @@ class ChannelLost(AMQPError):
     committed but before it confirmed, which cannot be told apart.
 
     `refused` is True when the broker closed the channel because of what
-    was sent on it (e.g. a publish to an exchange that does not exist).
+    was sent on it (e.g. a publish to an exchange that does not exist);
+    `shared` when the commit failed together with others in one
+    transaction (a group commit, see `commits`): then it need not have
+    been this one's fault.
     """
 
-    def __init__(self, message, refused=False):
+    def __init__(self, message, refused=False, shared=False):
         super().__init__(message)
         self.refused = refused
+        self.shared = shared
 
 
 class ConnectionUnavailable(AMQPError):
@@ -83,6 +87,12 @@ def reason(error):
     name = error.__class__.__name__
     text = str(error) or repr(error)
     return text if text.startswith(name) else f'{name}: {text}'
+
+
+def closed_by_broker(why):
+    """Whether the broker closed a channel (because of what was sent on
+    it, or a consumer timeout) -- not the connection going away."""
+    return isinstance(why, pika.exceptions.ChannelClosedByBroker)
 
 
 def timed_out(why):

@@ -11,23 +11,21 @@ class Outcome:
     """The one-shot result of work handed to the IO thread.
 
     Like a `concurrent.futures.Future` reduced to what a commit needs (on a
-    bare lock: a commit's hand-back is on the hot path).
+    bare lock: a commit's hand-back is on the hot path). A waiter calls
+    `result`; work nobody waits for has a `callback`, called with the
+    error (or None) in the thread that sets the outcome -- the IO thread.
     """
 
-    __slots__ = ('_done', '_state', '_value', '_error', 'log_errors',
-                 'on_nack', 'on_success', 'for_delivery')
+    __slots__ = ('_done', '_state', '_value', '_error', 'callback')
     _guard = _thread.allocate_lock()
     PENDING, RUNNING, CANCELLED, DONE = range(4)
 
-    def __init__(self):
+    def __init__(self, callback=None):
         self._done = _thread.allocate_lock()
         self._done.acquire()
         self._state = self.PENDING
         self._value = self._error = None
-        self.log_errors = False     # nobody waits: log a failure
-        self.on_nack = None         # confirm mode, nobody waits
-        self.on_success = None      # confirm mode, nobody waits
-        self.for_delivery = False   # it settles a delivery's handling
+        self.callback = callback
 
     def set_running_or_notify_cancel(self):
         """IO thread: False if the waiter gave up (then do nothing)."""
@@ -50,14 +48,18 @@ class Outcome:
 
     def set_exception(self, error):
         self._error = error
-        if self.log_errors:
-            log.warning('A commit nobody waits for failed: %s', error)
         self._finish()
 
     def _finish(self):
-        if self._state != self.DONE:
-            self._state = self.DONE
-            self._done.release()
+        if self._state == self.DONE:
+            return
+        self._state = self.DONE
+        self._done.release()
+        if self.callback is not None:
+            try:
+                self.callback(self._error)
+            except Exception:
+                log.exception('Error in the callback of a commit')
 
     def result(self, timeout=None):
         """Wait for the outcome; raise TimeoutError after `timeout`."""

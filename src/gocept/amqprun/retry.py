@@ -30,7 +30,6 @@ are still read.
 """
 
 import collections
-import threading
 
 import gocept.amqprun.message
 import gocept.amqprun.topology
@@ -288,34 +287,3 @@ def error_text(error):
     class and text, at most 1000 characters."""
     text = f'{error.__class__.__name__}: {error}'
     return text[:1000]
-
-
-class Refusals:
-    """Counts, per message, commits the broker refused by closing the
-    channel (e.g. a reply to an exchange that does not exist).
-
-    Such a failure takes the channel with it, so the retry count cannot be
-    committed with the message; the broker redelivers it. This in-memory
-    count (per process, thread-safe, bounded) lets the worker park such a
-    message after the policy's retries instead of looping.
-    """
-
-    def __init__(self, size=10000):
-        self.size = size
-        self._counts = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def add(self, key):
-        with self._lock:
-            self._counts[key] = self._counts.pop(key, 0) + 1
-            while len(self._counts) > self.size:
-                self._counts.popitem(last=False)
-            return self._counts[key]
-
-    def count(self, key):
-        with self._lock:
-            return self._counts.get(key, 0)
-
-    def forget(self, key):
-        with self._lock:
-            self._counts.pop(key, None)

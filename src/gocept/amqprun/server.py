@@ -1,6 +1,5 @@
 """The Server: consumes the handlers' queues and sends transactionally."""
 
-import functools
 import logging
 import threading
 import time
@@ -13,6 +12,7 @@ import gocept.amqprun.errors
 import gocept.amqprun.interfaces
 import gocept.amqprun.retry
 import gocept.amqprun.session
+import gocept.amqprun.settlement
 import gocept.amqprun.stats
 import gocept.amqprun.topology
 import gocept.amqprun.worker
@@ -20,12 +20,19 @@ import gocept.amqprun.worker
 
 log = logging.getLogger(__name__)
 
-# Confirm mode does not block a worker until its confirms are in, so its
-# prefetch bounds the confirms in flight: it wants more. Measured with 8
-# and 16 workers (README, Performance): 20 reached 0.75-0.89 of a raw pika
-# confirm client, 100 (that client's own prefetch) 0.96-1.20.
+# Unacked deliveries per worker and queue. Transaction mode: a worker
+# whose commit is in flight goes on with the next delivery, so a few per
+# worker keep the commits of a channel grouping. Confirm mode does not
+# block a worker until its confirms are in either, and wants many
+# confirms in flight (README, Performance).
 DEFAULT_PREFETCH = 2
 DEFAULT_CONFIRM_PREFETCH = 100
+# Consumer channels: their commits are grouped (see `commits`); fewer
+# channels make bigger groups.
+DEFAULT_CHANNELS = 1
+# Seconds stop() waits for the broker: to cancel the consumers, to answer
+# the commits in flight and to close the connection.
+BROKER_TIMEOUT = 5.0
 
 
 class DuplicateQueueError(ValueError):
@@ -65,9 +72,8 @@ class Server:
     parameters: `parameters.Parameters`.
     setup_handlers: consume the registered IHandler utilities' queues
         (False: only send).
-    workers: the number of worker threads (one channel each; a worker
-        takes deliveries of other channels when its own has none, see
-        `dispatch`).
+    workers: the number of worker threads; each takes the oldest delivery
+        there is (see `dispatch`).
     prefetch: unacked deliveries per worker and queue (default 2, in
         confirm mode 100).
     shutdown_timeout: seconds `stop()` waits for running handlers.
@@ -78,16 +84,23 @@ class Server:
         repeats the replies).
     on_ready: called (in the IO thread; must not block) each time the
         connection is up and consuming.
+    channels: consumer channels (default 1); the commits of a channel's
+        deliveries go out together (see `commits`).
+
+    The state, in the words used throughout: *connected* (to the broker,
+    queues declared), *running* (connected and consuming every handler
+    queue; `ILoop` calls it so, the connection says *ready*), *alive*
+    (the IO loop runs, connected or reconnecting, and every worker
+    thread lives).
     """
 
     def __init__(self, parameters, setup_handlers=True, workers=1,
                  prefetch=None, shutdown_timeout=30.0, on_ready=None,
-                 retry_policy=None, confirm=False):
+                 retry_policy=None, confirm=False, channels=None):
         self.parameters = parameters
         self.shutdown_timeout = shutdown_timeout
         self.retry_policy = (
             retry_policy or gocept.amqprun.retry.RetryPolicy())
-        self.refusals = gocept.amqprun.retry.Refusals()
         self.stats = gocept.amqprun.stats.Stats()
         self.handlers = collect_handlers() if setup_handlers else {}
         self.outbox = zope.component.queryUtility(
@@ -98,24 +111,38 @@ class Server:
             prefetch = (DEFAULT_CONFIRM_PREFETCH if confirm
                         else DEFAULT_PREFETCH)
         count = workers if self.handlers else 0
+        channels = min(channels or DEFAULT_CHANNELS, count)
         self.dispatcher = gocept.amqprun.dispatch.Dispatcher(count)
+        self.settlement = gocept.amqprun.settlement.Settlement(
+            self.retry_policy, self.stats, self.dispatcher.put)
         self.workers = [gocept.amqprun.worker.Worker(self, i)
                         for i in range(count)]
         self.on_ready = on_ready
         self.connection = gocept.amqprun.connection.Connection(
-            parameters, queues, consumers=count, prefetch=prefetch,
-            on_delivery=lambda i: functools.partial(self._dispatch, i),
-            on_ready=self._on_ready, confirm=confirm, stats=self.stats)
+            parameters, queues, consumers=channels,
+            # Per channel: the workers' share of each queue's deliveries.
+            prefetch=-(-prefetch * count // channels) if channels
+            else prefetch,
+            on_delivery=self._dispatch, on_ready=self._on_ready,
+            confirm=confirm, stats=self.stats, on_returned=self._returned)
         self._started = False
-        self._stopped = False
+        self._stopping = threading.Lock()
         self._failure = None
 
-    def _dispatch(self, index, delivery):
-        """IO thread: hand `delivery` of consumer slot `index` to the
-        workers; one from an auxiliary queue (the quarantine) runs
-        alone."""
-        self.dispatcher.put(index, delivery,
-                            isolated=delivery.source != delivery.queue)
+    def _dispatch(self, delivery):
+        """IO thread: hand `delivery` to the workers; one from an
+        auxiliary queue (the quarantine) or suspected of making commits
+        fail runs alone (see `settlement.Settlement.classify`)."""
+        if delivery.redelivered or delivery.header.headers:
+            self.settlement.classify(delivery)
+        self.dispatcher.put(delivery, isolated=delivery.alone
+                            or delivery.source != delivery.queue)
+
+    def _returned(self, slot, deliveries, reason, failed_tags):
+        """IO thread: a consumer channel went with `deliveries`."""
+        handling = {worker.current[0] for worker in self.workers
+                    if worker.current is not None}
+        self.settlement.returned(deliveries, reason, failed_tags, handling)
 
     def _on_ready(self):
         self._started = True
@@ -130,13 +157,13 @@ class Server:
     @property
     def connected(self):
         """True while connected to the broker."""
-        return self.connection.open
+        return self.connection.connected
 
     @property
     def alive(self):
         """True while the IO loop runs (connected or reconnecting) and
         every worker thread lives."""
-        return self.connection.running and all(
+        return self.connection.alive and all(
             w.is_alive() for w in self.workers)
 
     def activity(self):
@@ -187,20 +214,28 @@ class Server:
     def stop(self):
         """Stop consuming, let running handlers finish and commit (up to
         `shutdown_timeout`), put the deliveries no handler started back
-        into their queues, close the connection. Thread-safe; must not be
-        called from a handler."""
-        if self._stopped:
+        into their queues, wait for the broker to answer the commits in
+        flight, close the connection (giving up on a broker that does not
+        answer within `BROKER_TIMEOUT` each time).
+
+        Thread-safe: the first call stops, a later or concurrent one
+        returns at once. Must not be called from a handler (it waits for
+        the handlers to finish).
+        """
+        if not self._stopping.acquire(blocking=False):
             return
-        self._stopped = True
         if self._started:
             log.info('Stopping: cancelling consumers.')
-        self.connection.cancel_consumers(timeout=5)
+        self.connection.cancel_consumers(timeout=BROKER_TIMEOUT)
         unstarted = self.dispatcher.close()
         self._join_workers(self.shutdown_timeout)
         self._put_back(unstarted)
+        if not self.connection.wait_for_commits(BROKER_TIMEOUT):
+            log.warning('The broker did not answer every commit within '
+                        '%s s; it redelivers what it did not commit.',
+                        BROKER_TIMEOUT)
         self.connection.close()
-        # A broker that does not answer must not hold up the exit.
-        self.connection.wait_until_stopped(5)
+        self.connection.wait_until_stopped(BROKER_TIMEOUT)
         if self._started:
             log.info('Stopped.')
 
@@ -223,13 +258,13 @@ class Server:
         back unsettled is counted now, as a worker would have. Whatever
         cannot be committed is left to the broker, which redelivers it."""
         by_slot = {}
+        settlement = self.settlement
         for item in items:
-            if isinstance(item, gocept.amqprun.worker.Retry) \
+            if isinstance(item, gocept.amqprun.settlement.Retry) \
                     or not item.current:
                 continue
-            if gocept.amqprun.retry.returns(item):
-                gocept.amqprun.worker.settle(
-                    self, item, self.retry_policy.quarantine(item))
+            if settlement.returns_unsettled(item):
+                settlement.quarantine(item)
                 continue
             by_slot.setdefault((item.slot, item.epoch), []).append(item)
         for (slot, epoch), deliveries in by_slot.items():
@@ -237,20 +272,13 @@ class Server:
                 slot.commit(epoch, [gocept.amqprun.retry.republished(d)
                                     for d in deliveries],
                             ack=[d.delivery_tag for d in deliveries],
-                            timeout=5)
+                            timeout=BROKER_TIMEOUT)
             except gocept.amqprun.errors.AMQPError as e:
                 log.warning('Could not put %d unstarted message(s) back (%s); '
                             'the broker redelivers them.', len(deliveries), e)
             else:
                 log.info('Put %d unstarted message(s) back into their '
                          'queue(s).', len(deliveries))
-
-    def retry_later(self, delivery, error):
-        """Have a worker settle `delivery` through the retry policy
-        (thread-safe; the IO thread calls it for a NACKed input)."""
-        index = self.connection.consumer_slots.index(delivery.slot)
-        self.dispatcher.put(index, gocept.amqprun.worker.Retry(
-            delivery, error))
 
     def send(self, message):
         """Publish `message` when the calling thread's transaction commits

@@ -32,6 +32,15 @@ is possible, a loss is not. Messages sent outside a handler have no
 input to be redelivered: in doubt, they are sent once more before the
 commit returns.
 
+When the Session is the only data manager of a handler's transaction
+and no after-commit hook waits for the outcome, nothing is left to undo
+or to finish after the AMQP commit: ``tpc_finish`` hands the commit to
+the IO thread and returns, and the worker goes on with its next message
+while the broker commits (its commit joins the others on the channel,
+see `commits`). What the commit then does is accounted in the IO thread
+(`settlement`): committed, in doubt, or failed for certain -- then
+nothing was sent and the broker redelivers the input.
+
 In confirm mode the replies are published with publisher confirms and
 the ACK follows them. When other data managers are in the transaction,
 the Session waits for the confirms in ``tpc_finish`` (a NACK aborts the
@@ -55,21 +64,25 @@ import gocept.amqprun.message
 
 log = logging.getLogger(__name__)
 
+# Seconds a commit outside a handler still gets when its vote took up
+# the whole send timeout.
+MINIMUM_TIMEOUT = 0.1
 
-def has_other_resources(txn, resource):
-    """Whether `txn` has data managers besides `resource`.
 
-    `transaction` has no public way to ask; this reads its private list
-    of joined resources (tests/test_session.py fails if that changes) and
-    answers True when it cannot tell. Confirm mode uses it to wait for
-    confirms only where another manager must finish after them: waiting
-    always costs 60 % of its throughput (7,500 -> 2,770 msg/s measured
-    with benchmarks/echo.py, 8 workers).
+def waits_for_commit(txn, resource):
+    """Whether `txn` has data managers besides `resource`, or after-commit
+    hooks: then something must happen after the AMQP commit, and only
+    once its outcome is known.
+
+    `transaction` has no public way to ask for the joined resources; this
+    reads its private list (tests/test_session.py fails if that changes)
+    and answers True when it cannot tell.
     """
     resources = getattr(txn, '_resources', None)
     if not isinstance(resources, list):
         return True
-    return any(r is not resource for r in resources)
+    return (any(r is not resource for r in resources)
+            or any(True for _ in txn.getAfterCommitHooks()))
 
 
 @zope.interface.implementer(
@@ -78,33 +91,34 @@ def has_other_resources(txn, resource):
 class Session:
     """One transaction's messages (and ACK) for one Server.
 
+    connection: the server's `connection.Connection`; settlement: its
+    `settlement.Settlement` (which counts what the commit did).
     delivery: the `channel.Delivery` being handled, or None.
     received: the IMessage made of it, or None.
-    `settled` becomes True once the AMQP commit succeeded or is in doubt:
-    from then on nothing may touch the delivery again. `confirming` is
-    True when the commit returned before the broker confirmed it (confirm
-    mode, alone in the transaction): the server counts the message when
-    the confirms arrive.
+    `settled` becomes True once the AMQP commit succeeded, is in doubt,
+    or was handed to the IO thread without waiting (see above): from then
+    on nothing may touch the delivery again.
     """
 
-    def __init__(self, server, delivery=None, received=None,
+    def __init__(self, connection, settlement, delivery=None, received=None,
                  transaction_manager=None):
-        self.server = server
+        self.connection = connection
+        self.settlement = settlement
         self.delivery = delivery
         self.received = received
         self.messages = []
         self.settled = False
-        self.in_doubt = False
-        self.confirming = False
         self._deadline = None
+        self._started = None
         self.transaction_manager = (
             transaction_manager or transaction.manager)
 
     @classmethod
     def join(cls, server, txn, delivery=None, received=None):
-        """Create a Session, join it to `txn` and make it findable with
-        `Session.of(server, txn)`."""
-        session = cls(server, delivery, received)
+        """Create a Session of `server`, join it to `txn` and make it
+        findable with `Session.of(server, txn)`."""
+        session = cls(server.connection, server.settlement, delivery,
+                      received)
         txn.join(session)
         txn.set_data(server, session)
         return session
@@ -140,7 +154,7 @@ class Session:
         self.messages = []
 
     def tpc_begin(self, txn):
-        pass
+        self._started = time.perf_counter()
 
     def commit(self, txn):
         pass
@@ -154,11 +168,10 @@ class Session:
                 raise ChannelLost(
                     f'{delivery.slot}: the channel of the delivery is gone')
         elif self.messages:
-            connection = self.server.connection
-            timeout = connection.parameters.send_timeout
+            timeout = self.connection.send_timeout
             # The commit waits for a channel at most until then.
             self._deadline = time.monotonic() + timeout
-            if not connection.wait_until_open(timeout):
+            if not self.connection.wait_until_connected(timeout):
                 raise ConnectionUnavailable(
                     f'no connection to the broker within {timeout} s')
 
@@ -169,85 +182,75 @@ class Session:
         if self.delivery is None:
             if publishes:
                 self._commit_sent(publishes)
-            self.settled = True
-            return
-        try:
-            self._commit_delivery(txn, publishes)
-        except CommitInDoubt as e:
-            self.settled = self.in_doubt = True
-            self._log_in_doubt(e, publishes)
-            self.server.stats.commit_in_doubt()
         else:
-            self.settled = True
+            self._commit_delivery(txn, publishes)
+        self.settled = True
 
     def _commit_delivery(self, txn, publishes):
         delivery = self.delivery
         slot = delivery.slot
-        if not slot.connection.confirm:
-            slot.commit(delivery.epoch, publishes, ack=delivery.delivery_tag)
-        elif not publishes or not has_other_resources(txn, self):
-            # Nothing must finish after the confirms: the IO thread ACKs
-            # when they arrive, or hands a NACKed input back.
-            self.confirming = True
+        # An isolated delivery stays alone until its commit is answered.
+        waits = delivery.alone or waits_for_commit(txn, self)
+        if not waits:
+            # Nothing happens after this commit: the worker goes on, the
+            # IO thread settles the accounts when the broker answered.
             slot.commit(delivery.epoch, publishes, ack=delivery.delivery_tag,
-                        wait=False, on_failure=self._unconfirmed,
-                        on_success=self._confirmed)
-        else:
+                        alone=delivery.alone, wait=False,
+                        callback=self._committed)
+        elif slot.connection.confirm and publishes:
+            # The others finish after the confirms, the ACK after them.
             slot.commit(delivery.epoch, publishes)
             txn.addAfterCommitHook(self._ack_last)
+        else:
+            try:
+                slot.commit(delivery.epoch, publishes,
+                            ack=delivery.delivery_tag, alone=delivery.alone)
+            except CommitInDoubt as e:
+                # The other managers finish: the broker has the commit or
+                # redelivers the input.
+                self._committed(e)
+            else:
+                self._committed(None)
+
+    def _committed(self, error):
+        """The AMQP commit of the delivery ended with `error` (None:
+        committed); in the IO thread when nobody waits for it."""
+        self.settlement.handled(
+            self.delivery, error, time.perf_counter() - self._started)
 
     def _ack_last(self, status):
         delivery = self.delivery
         if status and delivery.current:
             delivery.slot.commit(delivery.epoch, ack=delivery.delivery_tag,
-                                 wait=False)
-
-    def _confirmed(self):
-        """IO thread: the replies of a non-waiting confirm commit are
-        confirmed and the input ACKed."""
-        self.server.stats.message(self.delivery.queue, 'handled')
-
-    def _unconfirmed(self, error):
-        """IO thread: the broker NACKed a reply of an input (confirm mode,
-        nobody waiting): hand the input back to the retry path."""
-        self.server.retry_later(self.delivery, error)
+                                 wait=False, callback=self._committed)
 
     def _commit_sent(self, publishes):
         """Commit messages sent outside a handler. In doubt, they are sent
         once more (a duplicate is possible, a loss is not): the commit
         returns when that succeeded and raises when it did not."""
-        connection = self.server.connection
+        connection = self.connection
         slot = connection.acquire_sender()
         try:
             timeout = None
             if self._deadline is not None:
-                timeout = max(0.1, self._deadline - time.monotonic())
+                timeout = max(MINIMUM_TIMEOUT,
+                              self._deadline - time.monotonic())
             try:
                 slot.commit(None, publishes, timeout=timeout)
             except CommitInDoubt as e:
-                self._log_in_doubt(e, publishes)
-                self.server.stats.commit_in_doubt()
+                self.settlement.stats.commit_in_doubt()
+                log.warning(
+                    'Commit in doubt: %d message(s) %s (%s). The broker may '
+                    'or may not have them; sending them again.',
+                    len(publishes),
+                    ', '.join(str(p[2].message_id) for p in publishes[:5]),
+                    e)
                 slot.commit(None, publishes)
                 log.warning('Sent %d message(s) again after a commit in '
                             'doubt (a duplicate is possible).',
                             len(publishes))
         finally:
             connection.release_sender(slot)
-
-    def _log_in_doubt(self, error, publishes):
-        if self.received is not None:
-            log.warning(
-                'Commit in doubt: message %s from queue %r (%s). The broker '
-                'either committed its ACK and %d message(s) or redelivers '
-                'it; the other resources of its transaction commit.',
-                self.received.header.message_id, self.delivery.queue,
-                error, len(publishes))
-        else:
-            log.warning(
-                'Commit in doubt: %d message(s) %s (%s). The broker may or '
-                'may not have them; sending them again.', len(publishes),
-                ', '.join(str(p[2].message_id) for p in publishes[:5]),
-                error)
 
     def tpc_abort(self, txn):
         self.messages = []

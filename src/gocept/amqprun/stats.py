@@ -75,6 +75,14 @@ class Stats:
         with self._lock:
             self._commit.observe(seconds)
 
+    def committed(self, queue, seconds=None):
+        """A handled message of `queue` was committed (after `seconds`,
+        if known): counted as handled once the commit is confirmed."""
+        with self._lock:
+            self._messages[queue, 'handled'] += 1
+            if seconds is not None:
+                self._commit.observe(seconds)
+
     def commit_in_doubt(self):
         with self._lock:
             self._in_doubt += 1

@@ -1,19 +1,17 @@
 """Worker threads: one handled message = one transaction.
 
-Each worker owns one consumer slot (a channel, see `channel`) and gets
-only that slot's deliveries, so its commit -- replies published plus the
-ACK -- is an AMQP transaction of its own, concurrent with the other
-workers' commits. Workers never touch pika: they call `Slot.commit`.
+A worker takes the oldest delivery from the dispatcher (whichever channel
+it came on), handles it in a transaction of its own and commits: the
+replies and the ACK go out on the delivery's channel (see `session` and
+`commits`). Workers never touch pika: they call `Slot.commit`.
 
-What a worker guarantees about a delivery: it is settled exactly once by
-this process -- by the handler's commit (see `session`), or, when that
-failed for certain, by the retry policy's commit (ACK plus a retry or
-parked copy); never both. A delivery whose channel is gone is left to the
-broker, which redelivers it.
+What becomes of a delivery is `settlement`'s: it is settled exactly once
+by this process -- by the handler's commit, or, when that failed for
+certain, by the retry policy's commit; a delivery whose channel is gone is
+left to the broker, which redelivers it.
 """
 
 import collections
-import hashlib
 import logging
 import threading
 import time
@@ -26,22 +24,15 @@ import gocept.amqprun.message
 import gocept.amqprun.retry
 import gocept.amqprun.security
 import gocept.amqprun.session
+import gocept.amqprun.settlement
 
 
 log = logging.getLogger(__name__)
 
-
-class BrokerRefused(Exception):
-    """The broker refused every commit of a message's handling."""
-
-
-class Retry:
-    """A dispatcher item: settle `delivery`, which failed with `error`,
-    through the retry policy (a NACKed input in confirm mode)."""
-
-    def __init__(self, delivery, error):
-        self.delivery = delivery
-        self.error = error
+# Seconds a worker about to run an isolated (quarantined) delivery waits
+# for the commits of the others to be answered, so that nothing else is in
+# flight should it kill the process.
+SETTLE_BEFORE_ISOLATED = 30.0
 
 
 class Activity(collections.namedtuple(
@@ -52,8 +43,12 @@ class Activity(collections.namedtuple(
 
 
 class Worker(threading.Thread):
-    """Handles what the server's dispatcher gives it for slot `index`
-    until the dispatcher is closed.
+    """Handles what the server's dispatcher gives worker `index` until
+    the dispatcher is closed.
+
+    `server` is what the worker needs of its Server: `dispatcher`,
+    `handlers` (by queue), `settlement`, `outbox` (or None), `stats`, and
+    `connection` (to wait for commits before an isolated delivery).
 
     `current` is (delivery, time.monotonic() when it started) while the
     worker handles a delivery, else None. Only the worker thread sets it,
@@ -83,95 +78,89 @@ class Worker(threading.Thread):
             item = dispatcher.get(self.index)
             if item is None:
                 return
-            delivery = item.delivery if isinstance(item, Retry) else item
+            retry = isinstance(item, gocept.amqprun.settlement.Retry)
+            delivery = item.delivery if retry else item
             self.current = (delivery, time.monotonic())
             try:
                 with gocept.amqprun.log.handling(
                         delivery.header.message_id, delivery.queue):
-                    if isinstance(item, Retry):
-                        self.failed(item.delivery, item.error)
-                    elif not item.current:
-                        log.debug('Dropping delivery %s of a closed '
-                                  'channel.', item.delivery_tag)
-                    elif gocept.amqprun.retry.returns(item):
-                        self.quarantine(item)
+                    if retry:
+                        self.server.settlement.failed(delivery, item.error)
                     else:
-                        self.handle(item)
+                        self.process(delivery)
             except Exception:
-                # handle() logs what it can; a worker never dies.
+                # What can fail is logged where it fails; a worker never
+                # dies.
                 log.exception('Unexpected error in %s', self.name)
             finally:
                 self.current = None
+            self.prune_outbox()
 
-    def quarantine(self, delivery):
-        """`delivery` came back unsettled: count it (see `retry`)."""
-        settle(self.server, delivery,
-               self.server.retry_policy.quarantine(delivery))
+    def process(self, delivery):
+        """Quarantine `delivery`, park it, or handle it."""
+        settlement = self.server.settlement
+        if not delivery.current:
+            log.debug('Dropping delivery %s of a closed channel.',
+                      delivery.delivery_tag)
+        elif settlement.returns_unsettled(delivery):
+            settlement.quarantine(delivery)
+        elif not settlement.refused_too_often(delivery):
+            if delivery.alone or delivery.source != delivery.queue:
+                # Isolated (see `dispatch`): alone in flight, too.
+                delivery.alone = True
+                self.server.connection.wait_for_commits(
+                    SETTLE_BEFORE_ISOLATED)
+            self.handle(delivery)
 
     def handle(self, delivery):
+        """Call the handler in a transaction and commit it; a failure
+        aborts it and goes the retry way."""
         server = self.server
-        handler = server.handlers[delivery.queue]
         message = gocept.amqprun.message.Message(
             delivery.header, delivery.body, delivery.delivery_tag,
             routing_key=gocept.amqprun.retry.original_routing_key(delivery),
             redelivered=delivery.redelivered or bool(
                 gocept.amqprun.retry.unsettled(delivery.header)))
-        message_id = message.header.message_id
-        refusals = server.refusals
-        key = message_id or hashlib.sha1(delivery.body).hexdigest()
-        refused = refusals.count(key)
-        if refused > server.retry_policy.retries:
-            self.failed(delivery, BrokerRefused(
-                f'the broker refused {refused} commit(s) of its handling'),
-                park=True)
-            refusals.forget(key)
-            return
-        stats = server.stats
         manager = transaction.manager
-        txn = manager.begin()
         session = gocept.amqprun.session.Session.join(
-            server, txn, delivery, message)
-        stats.started()
-        delivery.slot.handling.add(delivery)
-        handler_seconds = commit_seconds = outcome = None
+            server, manager.begin(), delivery, message)
+        server.stats.started()
+        handler_seconds = None
         try:
             started = time.perf_counter()
             try:
-                self.call(handler, message, session, delivery.queue)
+                self.call(server.handlers[delivery.queue], message, session,
+                          delivery.queue)
             finally:
-                handled = time.perf_counter()
-                handler_seconds = handled - started
+                handler_seconds = time.perf_counter() - started
             manager.commit()
-            commit_seconds = time.perf_counter() - handled
         except Exception as error:
             manager.abort()
-            if session.settled:
-                # The AMQP commit went through (or is in doubt); what
-                # failed finished after it. The delivery is done.
-                log.exception(
-                    'Message %s from queue %r: its ACK was committed, but '
-                    'a data manager failed after that', message_id,
-                    delivery.queue)
-                outcome = 'handled'
-                return
-            log.exception('Handling message %s from queue %r failed',
-                          message_id, delivery.queue)
-            if isinstance(error, gocept.amqprun.errors.ChannelLost) \
-                    and error.refused:
-                refusals.add(key)
-            self.failed(delivery, error)
+            self.failed(delivery, session, error)
         else:
-            if refused:
-                refusals.forget(key)
-            if not session.confirming:
-                outcome = 'handled'
             log.debug('Handled message %s from queue %r',
-                      message_id, delivery.queue)
+                      message.header.message_id, delivery.queue)
         finally:
-            delivery.slot.handling.discard(delivery)
-            stats.finished(delivery.queue, handler_seconds, commit_seconds,
-                           outcome)
-        self.prune_outbox()
+            server.stats.finished(delivery.queue, handler_seconds)
+
+    def failed(self, delivery, session, error):
+        """The handler, a vote or the commit failed with `error`."""
+        about = gocept.amqprun.settlement.about(delivery)
+        if session.settled:
+            # The AMQP commit went through (or is in doubt); what failed
+            # finished after it. The delivery is done.
+            log.exception(
+                'Message %s from queue %r: its ACK was committed, but a '
+                'data manager failed after that', about['message_id'],
+                delivery.queue, extra=about)
+            return
+        log.exception('Handling message %s from queue %r failed',
+                      about['message_id'], delivery.queue, extra=about)
+        settlement = self.server.settlement
+        if isinstance(error, gocept.amqprun.errors.ChannelLost) \
+                and error.refused and not error.shared:
+            settlement.refusals.add(gocept.amqprun.settlement.key(delivery))
+        settlement.failed(delivery, error)
 
     def call(self, handler, message, session, queue):
         """Call `handler` in the current transaction and send its replies
@@ -184,7 +173,8 @@ class Worker(threading.Thread):
             if recorded is not None:
                 log.info('Message %s from queue %r was handled before '
                          '(outbox): sending its %d recorded message(s) '
-                         'again.', message_id, queue, len(recorded))
+                         'again.', message_id, queue, len(recorded),
+                         extra={'message_id': message_id, 'queue': queue})
                 for reply in recorded:
                     session.send(reply)
                 return
@@ -204,40 +194,3 @@ class Worker(threading.Thread):
             outbox.prune(transaction.manager)
         except Exception:
             log.exception('Could not delete old outbox records')
-
-    def failed(self, delivery, error, park=False):
-        """Settle a failed delivery as the server's RetryPolicy says."""
-        settle(self.server, delivery,
-               self.server.retry_policy.decide(delivery, error, park=park))
-
-
-def settle(server, delivery, decision):
-    """Commit `decision` (a `retry.Decision`) for `delivery`: ACK it and
-    publish the decision's copies, or reject it, in one AMQP transaction
-    on its channel. A delivery whose channel is gone is left to the
-    broker, which redelivers it."""
-    message_id = delivery.header.message_id
-    if not delivery.current:
-        log.warning('Message %s from queue %r: its channel is gone; the '
-                    'broker redelivers it.', message_id, delivery.queue)
-        return
-    try:
-        delivery.slot.commit(
-            delivery.epoch, decision.publishes,
-            ack=None if decision.reject else delivery.delivery_tag,
-            reject=decision.reject)
-    except gocept.amqprun.errors.CommitInDoubt as e:
-        server.stats.commit_in_doubt()
-        log.warning('Commit in doubt: message %s from queue %r, %s (%s); '
-                    'the broker either has it or redelivers the message.',
-                    message_id, delivery.queue, decision.description, e)
-    except gocept.amqprun.errors.AMQPError as e:
-        log.warning('Message %s from queue %r: could not commit its %s '
-                    '(%s); the broker redelivers it.', message_id,
-                    delivery.queue, decision.description, e)
-    else:
-        server.stats.message(delivery.queue, decision.outcome)
-        level = logging.ERROR if decision.outcome == 'parked' \
-            else logging.WARNING
-        log.log(level, 'Message %s from queue %r: %s.', message_id,
-                delivery.queue, decision.description)

@@ -132,6 +132,11 @@ class Proxy:
             requests, self._requests = self._requests, []
         running = True
         for command, done, result in requests:
+            if isinstance(command, tuple):
+                # (function, argument): run it in this thread.
+                result.append(command[0](command[1]))
+                done.set()
+                continue
             count = len(self._peer) // 2
             for sock in list(self._peer):
                 self._close(sock, reset=True)
@@ -268,6 +273,7 @@ class AMQPProxy(Proxy):
     def __init__(self, target_port, target_host='127.0.0.1', port=None):
         self._readers = {}   # socket -> (direction, FrameReader) of its data
         self._rules = []
+        self._holds = []     # armed or holding `Hold`s
         self._seen = collections.Counter()   # (direction, method) -> count
         super().__init__(target_port, target_host, port)
 
@@ -286,6 +292,18 @@ class AMQPProxy(Proxy):
             self._rules.append(rule)
         return rule
 
+    def hold(self, method, direction=None):
+        """Arm and return a `Hold`: hold back the method frames of
+        `method` (in `direction`; None: either) on the connection of the
+        next one until ``hold.release()``, letting the other frames pass
+        -- as a broker slow to answer would (e.g. ``Tx.CommitOk``: the
+        client keeps receiving deliveries meanwhile). Wait with
+        ``hold.holding.wait(t)``."""
+        hold = Hold(self, method, direction)
+        with self._lock:
+            self._holds.append(hold)
+        return hold
+
     def seen(self, method, direction=None):
         """How many frames of `method` the proxy passed on (in `direction`;
         None: either). A frame dropped by a rule does not count."""
@@ -303,20 +321,57 @@ class AMQPProxy(Proxy):
 
     def _forward(self, sock, data):
         direction, reader = self._readers[sock]
-        peer = self._peer[sock]
         for frame, channel, method in reader.feed(data):
-            fired, passed = (), True
-            if method is not None:
-                fired, passed = self._fire(direction, channel, method)
-            if passed:
-                self._outgoing[peer] += frame
-            if fired:
-                self._flush(peer)
-                self._wait_sent(peer)
-                self._close(sock, reset=True)
-                for rule in fired:
-                    rule.fired.set()
+            hold = self._holding(sock, direction, method)
+            if hold is not None:
+                hold.frames.append((frame, channel, method))
+            elif not self._pass(sock, direction, frame, channel, method):
                 return
+
+    def _pass(self, sock, direction, frame, channel, method):
+        """Pass a frame of `sock` on, unless a rule drops it; return
+        False when a rule cut the connection."""
+        peer = self._peer[sock]
+        fired, passed = (), True
+        if method is not None:
+            fired, passed = self._fire(direction, channel, method)
+        if passed:
+            self._outgoing[peer] += frame
+        if fired:
+            self._flush(peer)
+            self._wait_sent(peer)
+            self._close(sock, reset=True)
+            for rule in fired:
+                rule.fired.set()
+            return False
+        return True
+
+    def _holding(self, sock, direction, method):
+        """The Hold that holds back this frame of `sock`, or None."""
+        with self._lock:
+            for hold in self._holds:
+                if method == hold.method and hold.sock in (None, sock) \
+                        and hold.direction in (None, direction):
+                    hold.sock = sock
+                    hold.holding.set()
+                    return hold
+        return None
+
+    def _release(self, hold):
+        with self._lock:
+            if hold in self._holds:
+                self._holds.remove(hold)
+        sock = hold.sock
+        frames, hold.frames = hold.frames, []
+        if sock is None or sock not in self._peer:
+            return False
+        direction, _ = self._readers[sock]
+        peer = self._peer[sock]
+        for frame, channel, method in frames:
+            if not self._pass(sock, direction, frame, channel, method):
+                return True
+        self._update(peer)
+        return True
 
     def _fire(self, direction, channel, method):
         """Count a method frame; return the rules that fire at it and
@@ -350,3 +405,22 @@ class AMQPProxy(Proxy):
         self._readers.pop(self._peer.get(sock), None)
         self._readers.pop(sock, None)
         super()._close(sock, reset)
+
+
+class Hold:
+    """Frames an `AMQPProxy` holds back (see `AMQPProxy.hold`).
+
+    `holding` is set once it holds the first frame; `release()` passes
+    the held frames on (through the proxy's rules) and ends the hold.
+    """
+
+    def __init__(self, proxy, method, direction):
+        self.proxy = proxy
+        self.method = method
+        self.direction = direction
+        self.sock = None
+        self.frames = []      # (frame, channel, method)
+        self.holding = threading.Event()
+
+    def release(self, timeout=10):
+        self.proxy._request((self.proxy._release, self), timeout)

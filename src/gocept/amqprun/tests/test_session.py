@@ -12,7 +12,9 @@ import transaction
 
 import gocept.amqprun.errors
 import gocept.amqprun.message
+import gocept.amqprun.retry
 import gocept.amqprun.session
+import gocept.amqprun.settlement
 import gocept.amqprun.stats
 
 
@@ -67,11 +69,13 @@ class StubSlot:
         self.commits = []
 
     def commit(self, epoch=None, publishes=(), ack=None, reject=None,
-               timeout=None, wait=True, on_failure=None, on_success=None):
+               timeout=None, wait=True, callback=None, alone=False):
         self.journal.append('AMQP commit')
         self.commits.append(dict(publishes=len(publishes), ack=ack,
                                  wait=wait))
-        if self.error is not None:
+        if not wait:
+            self.callback = callback
+        elif self.error is not None:
             raise self.error
 
 
@@ -82,6 +86,8 @@ class StubDelivery:
         self.epoch = 0
         self.delivery_tag = 7
         self.queue = 'q'
+        self.alone = False
+        self.header = gocept.amqprun.message.Header(message_id='<in@test>')
 
     @property
     def current(self):
@@ -90,12 +96,13 @@ class StubDelivery:
 
 class StubServer:
 
-    def __init__(self):
+    def __init__(self, slot):
+        self.connection = slot.connection
         self.stats = gocept.amqprun.stats.Stats()
         self.retried = []
-
-    def retry_later(self, delivery, error):
-        self.retried.append((delivery, error))
+        self.settlement = gocept.amqprun.settlement.Settlement(
+            gocept.amqprun.retry.RetryPolicy(), self.stats,
+            self.retried.append)
 
 
 @pytest.fixture
@@ -108,13 +115,14 @@ def journal():
 def handled(journal, confirm=False):
     """A transaction handling a delivery: (txn, session, slot)."""
     slot = StubSlot(journal, confirm)
-    server = StubServer()
+    server = StubServer(slot)
     received = gocept.amqprun.message.Message(
         {'message_id': '<in@test>'}, b'', delivery_tag=7)
     txn = transaction.manager.begin()
     session = gocept.amqprun.session.Session.join(
         server, txn, StubDelivery(slot), received)
     session.send(gocept.amqprun.message.Message({}, b'reply'))
+    session.stats = server.stats
     return txn, session, slot
 
 
@@ -131,7 +139,8 @@ def test_amqp_commit_after_every_vote_before_every_finish(journal):
     assert len(journal[:commit]) == 5
     assert all(entry.endswith('finish') for entry in journal[commit + 1:])
     assert len(journal[commit + 1:]) == 5
-    assert session.settled and not session.in_doubt
+    assert session.settled
+    assert session.stats.snapshot()['commits_in_doubt'] == 0
     assert slot.commits == [dict(publishes=1, ack=7, wait=True)]
 
 
@@ -167,9 +176,57 @@ def test_an_amqp_commit_in_doubt_lets_the_others_finish(journal, caplog):
     txn.join(Recorder('sql', journal, 'sqlalchemy.twophase:1'))
     transaction.commit()
     assert journal == ['sql vote', 'AMQP commit', 'sql finish']
-    assert session.settled and session.in_doubt
-    assert session.server.stats.snapshot()['commits_in_doubt'] == 1
+    assert session.settled
+    assert session.stats.snapshot()['commits_in_doubt'] == 1
     assert 'Commit in doubt: message <in@test> from queue' in caplog.text
+
+
+def test_alone_the_commit_does_not_hold_the_worker(journal):
+    txn, session, slot = handled(journal)
+    transaction.commit()
+    assert slot.commits == [dict(publishes=1, ack=7, wait=False)]
+    assert session.settled
+    stats = session.stats
+    assert stats.snapshot()['messages'] == {}
+    slot.callback(None)     # the IO thread: Tx.CommitOk came
+    assert stats.snapshot()['messages'] == {('q', 'handled'): 1}
+    assert stats.snapshot()['commit_seconds'].count == 1
+
+
+def test_alone_a_commit_in_doubt_is_counted_when_it_is_known(
+        journal, caplog):
+    txn, session, slot = handled(journal)
+    transaction.commit()
+    slot.callback(gocept.amqprun.errors.CommitInDoubt('connection lost'))
+    assert session.stats.snapshot()['commits_in_doubt'] == 1
+    assert session.stats.snapshot()['messages'] == {}
+    assert 'Commit in doubt: message <in@test> from queue' in caplog.text
+
+
+def test_alone_a_refused_commit_counts_against_its_message_only_alone(
+        journal):
+    for shared, counted in ((True, 0), (False, 1)):
+        txn, session, slot = handled(journal)
+        transaction.commit()
+        slot.epoch += 1     # the broker closed the channel
+        slot.callback(gocept.amqprun.errors.ChannelLost(
+            'refused', refused=True, shared=shared))
+        refusals = session.settlement.refusals
+        assert refusals.count('<in@test>') == counted
+        assert session.stats.snapshot()['messages'] == {}
+
+
+def test_an_after_commit_hook_makes_the_worker_wait_for_the_outcome(
+        journal):
+    txn, session, slot = handled(journal)
+    outcomes = []
+    txn.addAfterCommitHook(outcomes.append)
+    slot.error = gocept.amqprun.errors.ChannelLost('refused', refused=True)
+    with pytest.raises(gocept.amqprun.errors.ChannelLost):
+        transaction.commit()
+    transaction.abort()
+    assert slot.commits == [dict(publishes=1, ack=7, wait=True)]
+    assert outcomes == [False]
 
 
 def test_a_delivery_of_a_lost_channel_fails_the_vote(journal):
@@ -201,21 +258,30 @@ def test_confirm_mode_with_others_waits_and_acks_after_they_finished(
                             dict(publishes=0, ack=7, wait=False)]
 
 
-def test_has_other_resources_reads_what_transaction_joined():
-    # session.has_other_resources reads a private attribute of
+def test_waits_for_commit_reads_what_transaction_joined():
+    # session.waits_for_commit reads a private attribute of
     # `transaction`: this fails when it changes.
     txn = transaction.TransactionManager().begin()
     assert isinstance(txn._resources, list)
     first = Recorder('a', [], 'a')
     txn.join(first)
     assert txn._resources == [first]
-    assert not gocept.amqprun.session.has_other_resources(txn, first)
+    assert not gocept.amqprun.session.waits_for_commit(txn, first)
     txn.join(Recorder('b', [], 'b'))
-    assert gocept.amqprun.session.has_other_resources(txn, first)
+    assert gocept.amqprun.session.waits_for_commit(txn, first)
     txn.abort()
 
 
-def test_has_other_resources_says_yes_when_it_cannot_tell():
+def test_waits_for_commit_when_an_after_commit_hook_waits():
+    txn = transaction.TransactionManager().begin()
+    first = Recorder('a', [], 'a')
+    txn.join(first)
+    txn.addAfterCommitHook(lambda status: None)
+    assert gocept.amqprun.session.waits_for_commit(txn, first)
+    txn.abort()
+
+
+def test_waits_for_commit_says_yes_when_it_cannot_tell():
     class Opaque:
         pass
-    assert gocept.amqprun.session.has_other_resources(Opaque(), object())
+    assert gocept.amqprun.session.waits_for_commit(Opaque(), object())
