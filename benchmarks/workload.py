@@ -63,12 +63,15 @@ class Broker:
             channel.basic_publish('amq.topic', key, body, props)
             if i % 2000 == 1999:
                 self.connection.process_data_events(0)
-        channel.close()
+        # The publishing channel stays open until the queue holds them
+        # all (a stalled quorum queue prefill was seen once).
         deadline = time.monotonic() + 60 + count / 2000
-        while self.count(name) < count:
+        while (n := self.count(name)) < count:
             if time.monotonic() > deadline:
-                raise RuntimeError(f'prefill of {name} stalled')
+                raise RuntimeError(
+                    f'prefill of {name} stalled at {n} of {count}')
             time.sleep(0.05)
+        channel.close()
 
     def close(self):
         with contextlib.suppress(Exception):
