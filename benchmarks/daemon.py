@@ -2,7 +2,8 @@
 
 Owns `Daemon`: a directory of its own with a ZConfig file, a ZCML file and
 a generated handler module that answers each message of a workload's input
-queue with one reply (after what the benchmark adds: a sleep, an INSERT),
+queue (declared with the workload's queue arguments: classic or quorum)
+with one reply (after what the benchmark adds: a sleep, an INSERT),
 and `python -m gocept.amqprun server.conf` run there as a subprocess,
 stopped with SIGTERM. Its log (server.log) tells when it consumes; its
 stdout/stderr go to output.txt in the same directory.
@@ -59,7 +60,8 @@ import gocept.amqprun.handler
 import gocept.amqprun.message
 {setup}
 
-@gocept.amqprun.handler.declare({input!r}, {input_key!r})
+@gocept.amqprun.handler.declare({input!r}, {input_key!r},
+                                arguments={arguments!r})
 def echo(message):
 {work}    return [gocept.amqprun.message.Message(
         {{'content_type': message.header.content_type}}, message.body,
@@ -88,7 +90,7 @@ class Daemon:
                 f'    time.sleep({sleep})\n' + work
         (self.dir / f'{module}.py').write_text(HANDLER.format(
             input=workload.input, input_key=workload.input_key,
-            output_key=workload.output_key,
+            arguments=workload.arguments, output_key=workload.output_key,
             setup=setup.replace('{module}', module),
             work=work.replace('{module}', module)))
         (self.dir / 'server.zcml').write_text(DAEMON_ZCML.format(

@@ -22,7 +22,7 @@ import time
 import pika
 
 from procstat import cpu_seconds, load, status_kb, thread_cpu_seconds
-from workload import Broker, sweep_queues
+from workload import QUEUE_TYPES, Broker, sweep_queues
 
 
 def add_common_options(parser, messages, variants):
@@ -37,6 +37,11 @@ def add_common_options(parser, messages, variants):
                         help='the daemon\'s prefetch (default: its own)')
     parser.add_argument('--raw-prefetch', type=int, default=2,
                         help='prefetch of the raw tx consumers')
+    parser.add_argument('--queue-type', choices=QUEUE_TYPES,
+                        default='classic',
+                        help='type of the input and output queues of every '
+                        'variant (the daemon declares its queue with '
+                        'x-queue-type quorum)')
     parser.add_argument('--worker-extra', default='',
                         help='more lines for the daemon\'s <worker>')
     parser.add_argument('--variants', default=variants,
@@ -46,13 +51,16 @@ def add_common_options(parser, messages, variants):
 
 
 def measure(consumer, workload, meters, wait_ready, interval=0.02,
-            py_spy=None):
+            py_spy=None, drive=None):
     """Start `consumer`, return a dict of numbers.
 
     `consumer` has start() (setting `started_at`, a time.monotonic()),
     `pid`, `process` (a Popen) and stop(); `wait_ready(consumer)` returns
     the time.monotonic() at which it began consuming. The run ends when
-    `workload` holds all its replies. `meters` maps a name to a function
+    `workload` holds all its replies -- or, with `drive`, when
+    `drive(consumer)` returns (it runs once the consumer consumes and the
+    readings began, and returns the time.monotonic() of the first reply
+    and a dict of more results). `meters` maps a name to a function
     returning another process's CPU seconds (or None); the result has
     each one's CPU per message as `<name>_ms`."""
     consumer.start()
@@ -69,23 +77,11 @@ def measure(consumer, workload, meters, wait_ready, interval=0.02,
     cpu0 = cpu_seconds(consumer.pid)
     threads0 = thread_cpu_seconds(consumer.pid)
     others0 = {name: meter() for name, meter in meters.items()}
-    first = None
-    deadline = t_ready + 120 + workload.count / 200
-    while True:
-        n = workload.replies()
-        now = time.monotonic()
-        if n and first is None:
-            first = now
-        if n >= workload.count:
-            break
-        if consumer.process.poll() is not None and \
-                workload.replies() < workload.count:
-            raise RuntimeError(
-                f'consumer exited with {consumer.process.returncode} '
-                f'after {n} replies')
-        if now > deadline:
-            raise RuntimeError(f'only {n} of {workload.count} replies')
-        time.sleep(interval)
+    if drive is None:
+        first, more = wait_for_replies(consumer, workload, t_ready,
+                                       interval), {}
+    else:
+        first, more = drive(consumer)
     t_end = time.monotonic()
     cpu1 = cpu_seconds(consumer.pid)
     threads1 = thread_cpu_seconds(consumer.pid)
@@ -112,7 +108,31 @@ def measure(consumer, workload, meters, wait_ready, interval=0.02,
     for name in meters:
         result[f'{name}_ms'] = per_message(
             others0[name], others1[name], workload.count)
+    result.update(more)
     return result
+
+
+def wait_for_replies(consumer, workload, t_ready, interval):
+    """Poll until the output queue of `workload` holds all replies;
+    return the time.monotonic() at which the first was seen. Raises
+    RuntimeError if the consumer exits or stalls first."""
+    first = None
+    deadline = t_ready + 120 + workload.count / 200
+    while True:
+        n = workload.replies()
+        now = time.monotonic()
+        if n and first is None:
+            first = now
+        if n >= workload.count:
+            return first
+        if consumer.process.poll() is not None and \
+                workload.replies() < workload.count:
+            raise RuntimeError(
+                f'consumer exited with {consumer.process.returncode} '
+                f'after {n} replies')
+        if now > deadline:
+            raise RuntimeError(f'only {n} of {workload.count} replies')
+        time.sleep(interval)
 
 
 def per_message(seconds0, seconds1, count):
@@ -182,8 +202,9 @@ def table(results, args, extra=()):
     med = medians(results)
     meters = meter_keys(next(iter(results.values()))[0])
     print()
-    print(f'{args.messages} messages x {args.size} B, persistent; '
-          f'K={args.workers}; {args.rounds} round(s); medians')
+    print(f'{args.messages} messages x {args.size} B, persistent, '
+          f'{args.queue_type} queues; K={args.workers}; {args.rounds} '
+          f'round(s); medians')
     print(f'{"variant":<15}{"msg/s":>9}{"min":>8}{"max":>8}'
           f'{"cpu ms/msg":>12}{"busiest thr":>13}'
           + ''.join(f'{key[:-3] + " ms/msg":>15}' for key in meters)

@@ -1,4 +1,4 @@
-"""The raw pika consumers of the echo benchmark (variants raw-a to raw-e).
+"""The raw pika consumers of the echo benchmark (variants raw-a to raw-g).
 
 Owns the reference consumers written directly against pika, with no
 gocept.amqprun in between, and how they run: `Raw` starts this file (or
@@ -7,7 +7,9 @@ its own (so that /proc shows its CPU time and memory alone); the script
 prints "ready" once it consumes, answers COUNT messages and stays alive
 until its stdin is closed. MODE a and b commit a transaction per message
 (b with several connections), c neither transacts nor confirms, d waits
-for each publisher confirm, e handles the confirms asynchronously.
+for each publisher confirm, e handles the confirms asynchronously, g
+commits groups: one transaction for all deliveries at hand (it prints
+"commits N" when done, see `Raw.commits`).
 """
 
 import contextlib
@@ -41,6 +43,8 @@ def raw_main(argv, work=None):
     if mode in 'ce':
         return raw_async(mode, params, input_queue, output_key, count,
                          prefetch)
+    if mode == 'g':
+        return raw_group(params, input_queue, output_key, count, prefetch)
     lock = threading.Lock()
     done = [0]
     barrier = threading.Barrier(connections + 1)
@@ -63,9 +67,7 @@ def raw_main(argv, work=None):
                     if done[0] >= count:
                         break
                 continue
-            reply = pika.BasicProperties(
-                delivery_mode=2, content_type=properties.content_type,
-                correlation_id=properties.message_id)
+            reply = reply_properties(properties)
             if handle is not None:
                 handle(properties, body, reply)
             channel.basic_publish('amq.topic', output_key, body, reply)
@@ -93,6 +95,55 @@ def raw_main(argv, work=None):
     finished.set()
     for t in threads:
         t.join()
+
+
+def reply_properties(properties):
+    """The reply's properties for a delivery with `properties`."""
+    return pika.BasicProperties(
+        delivery_mode=2, content_type=properties.content_type,
+        correlation_id=properties.message_id)
+
+
+def raw_group(params, input_queue, output_key, count, prefetch):
+    """Variant g: a group commit by hand, in one thread on one channel in
+    tx mode. Gather every delivery at hand (``process_data_events`` with
+    ``time_limit=0``), publish each one's reply and ACK it, then ONE
+    tx.commit for the whole group. Each message's reply and ACK are still
+    in one transaction; the broker's cost is per commit.
+
+    Prints "ready" once it consumes, "commits N" after COUNT messages."""
+    connection = pika.BlockingConnection(params)
+    channel = connection.channel()
+    channel.tx_select()
+    channel.basic_qos(prefetch_count=prefetch)
+    at_hand = []
+    channel.basic_consume(
+        input_queue, lambda channel, method, properties, body:
+        at_hand.append((method, properties, body)))
+    print('ready', flush=True)
+    done = commits = 0
+    while done < count:
+        if not at_hand:
+            # Blocks until something arrives (deliveries buffered while
+            # the last commit waited count too).
+            connection.process_data_events(time_limit=1)
+        connection.process_data_events(time_limit=0)
+        if not at_hand:
+            continue
+        group = list(at_hand)
+        del at_hand[:]
+        for method, properties, body in group:
+            channel.basic_publish('amq.topic', output_key, body,
+                                  reply_properties(properties))
+            channel.basic_ack(method.delivery_tag)
+        channel.tx_commit()
+        commits += 1
+        done += len(group)
+    print(f'commits {commits}', flush=True)
+    with contextlib.suppress(Exception):
+        channel.cancel()
+        connection.close()
+    sys.stdin.read()
 
 
 def raw_async(mode, params, input_queue, output_key, count, prefetch):
@@ -125,10 +176,8 @@ def raw_async(mode, params, input_queue, output_key, count, prefetch):
             callback=lambda frame: print('ready', flush=True))
 
     def on_message(channel, method, properties, body):
-        channel.basic_publish(
-            'amq.topic', output_key, body, pika.BasicProperties(
-                delivery_mode=2, content_type=properties.content_type,
-                correlation_id=properties.message_id))
+        channel.basic_publish('amq.topic', output_key, body,
+                              reply_properties(properties))
         if mode == 'c':
             channel.basic_ack(method.delivery_tag)
             state['done'] += 1
@@ -161,20 +210,48 @@ def raw_async(mode, params, input_queue, output_key, count, prefetch):
     sys.stdin.read()
 
 
-class Raw:
-    """Raw consumer `mode` (a-e) of `workload`, `script` (this file) run
-    in a subprocess with `extra` arguments at the end; `connections` is
-    the number of connections (threads) of a blocking consumer. The
-    benchmark's `args` supply host, port and the prefetch options."""
+# The variants with K connections (threads); the others have one.
+MULTI = ('b', 'd')
 
-    def __init__(self, mode, workload, args, connections=1, script=SCRIPT,
-                 extra=()):
+
+def add_raw_options(parser):
+    """The prefetch options of raw.py's variants beyond raw-a/raw-b's
+    (``--raw-prefetch`` is a common option)."""
+    parser.add_argument('--raw-c-prefetch', type=int, default=100,
+                        help='prefetch of the raw asynchronous consumers '
+                        '(c, e)')
+    parser.add_argument('--raw-g-prefetch', type=int, default=100,
+                        help='prefetch of the raw group-committing consumer '
+                        '(g): the most deliveries one commit can take')
+
+
+def prefetch_of(mode, args):
+    """The prefetch of raw variant `mode` given the benchmark's options."""
+    if mode in ('c', 'e'):
+        return args.raw_c_prefetch
+    if mode == 'g':
+        return args.raw_g_prefetch
+    return args.raw_prefetch
+
+
+class Raw:
+    """Raw consumer `mode` (a-g) of `workload`, `script` (this file) run
+    in a subprocess with `extra` arguments at the end; `connections` is
+    the number of connections (threads) of a blocking consumer (default:
+    K, ``args.workers``, for b and d, else 1). The benchmark's `args`
+    supply host, port and the prefetch options. After stop(), `commits`
+    is the number of transactions variant g committed (else None)."""
+
+    def __init__(self, mode, workload, args, connections=None,
+                 script=SCRIPT, extra=()):
+        if connections is None:
+            connections = args.workers if mode in MULTI else 1
+        self.commits = None
         self.argv = [
             sys.executable, script, mode, args.host,
             str(args.port), workload.input, workload.output_key,
             str(workload.count), str(connections),
-            str(args.raw_c_prefetch if mode in ('c', 'e')
-                else args.raw_prefetch)] + list(extra)
+            str(prefetch_of(mode, args))] + list(extra)
 
     def start(self):
         self.started_at = time.monotonic()
@@ -201,8 +278,18 @@ class Raw:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        for line in self.process.stdout.read().decode().splitlines():
+            if line.startswith('commits '):
+                self.commits = int(line.split()[1])
         self.process.stdout.close()
         return self.process.returncode
+
+    def note(self, count):
+        """Messages per commit (variant g) as a result's entries."""
+        if not self.commits:
+            return {}
+        per = count / self.commits
+        return dict(per_commit=per, note=f'{per:.1f} msg/commit')
 
 
 if __name__ == '__main__':

@@ -3,7 +3,8 @@
 Owns the benchmark process's own connection to the broker (`Broker`: declare,
 pre-fill, count and delete queues), the `Workload` every variant gets (a
 fresh durable input queue, pre-filled, and an output queue for the
-replies, both bound to amq.topic), and the final sweep that deletes what
+replies, both bound to amq.topic, classic or quorum queues), and the
+final sweep that deletes what
 is left of this run's queues. All queue names of a run start with
 `bench.<tag>.`, one tag per workload.
 """
@@ -32,8 +33,8 @@ class Broker:
         self.connection = pika.BlockingConnection(self.params)
         self.channel = self.connection.channel()
 
-    def declare(self, name, key):
-        self.channel.queue_declare(name, durable=True)
+    def declare(self, name, key, arguments=None):
+        self.channel.queue_declare(name, durable=True, arguments=arguments)
         self.channel.queue_bind(name, 'amq.topic', routing_key=key)
 
     def count(self, name):
@@ -62,12 +63,15 @@ class Broker:
             channel.basic_publish('amq.topic', key, body, props)
             if i % 2000 == 1999:
                 self.connection.process_data_events(0)
-        channel.close()
+        # The publishing channel stays open until the queue holds them
+        # all (a stalled quorum queue prefill was seen once).
         deadline = time.monotonic() + 60 + count / 2000
-        while self.count(name) < count:
+        while (n := self.count(name)) < count:
             if time.monotonic() > deadline:
-                raise RuntimeError(f'prefill of {name} stalled')
+                raise RuntimeError(
+                    f'prefill of {name} stalled at {n} of {count}')
             time.sleep(0.05)
+        channel.close()
 
     def close(self):
         with contextlib.suppress(Exception):
@@ -75,6 +79,17 @@ class Broker:
 
 
 TAGS = []
+
+QUEUE_TYPES = ('classic', 'quorum')
+
+
+def queue_arguments(queue_type):
+    """The x-arguments declaring a queue of `queue_type` (None: classic,
+    the broker's default, declared without arguments as the daemon does
+    by default)."""
+    if queue_type in (None, 'classic'):
+        return None
+    return {'x-queue-type': queue_type}
 
 
 def sweep_queues(broker):
@@ -91,10 +106,12 @@ def sweep_queues(broker):
 
 
 class Workload:
-    """A fresh input and output queue, pre-filled (with message-ids if
+    """A fresh input and output queue of `queue_type` (classic or quorum;
+    `arguments` are their x-arguments), pre-filled (with message-ids if
     `message_ids`)."""
 
-    def __init__(self, broker, count, size, fill=True, message_ids=False):
+    def __init__(self, broker, count, size, fill=True, message_ids=False,
+                 queue_type=None):
         tag = uuid.uuid4().hex[:10]
         TAGS.append(tag)
         self.broker = broker
@@ -103,8 +120,9 @@ class Workload:
         self.input_key = f'bench.{tag}.request'
         self.output = f'bench.{tag}.out'
         self.output_key = f'bench.{tag}.reply'
-        broker.declare(self.input, self.input_key)
-        broker.declare(self.output, self.output_key)
+        self.arguments = queue_arguments(queue_type)
+        broker.declare(self.input, self.input_key, self.arguments)
+        broker.declare(self.output, self.output_key, self.arguments)
         if fill:
             broker.prefill(self.input, self.input_key, count, size,
                            message_ids)
@@ -116,4 +134,5 @@ class Workload:
         # The daemon may declare auxiliary queues next to its input queue
         # (the retry policy's); sweep_queues() catches any others.
         self.broker.delete(self.input, self.output, f'{self.input}.retry',
-                           f'{self.input}.parked')
+                           f'{self.input}.parked',
+                           f'{self.input}.quarantine')
