@@ -78,10 +78,11 @@ class Daemon:
     handler sleeps `sleep` seconds, or runs `work` (see HANDLER; `setup`
     goes before it, and `{module}` in both and in `zcml` names the
     handler's module); `zcml` are more directives (prefix amqp:).
+    `baseline`: run the sources of the checkout `args.baseline`.
     """
 
     def __init__(self, workload, args, workdir, sleep=0.0, confirm=False,
-                 setup='', work='', zcml=''):
+                 setup='', work='', zcml='', baseline=False):
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix='daemon-',
                                                  dir=workdir))
         module = 'bench_' + uuid.uuid4().hex[:8]
@@ -105,11 +106,14 @@ class Daemon:
             workers=args.workers, zcml=self.dir / 'server.zcml',
             server_extra='', worker_extra=worker_extra + args.worker_extra))
         self.process = None
+        # An earlier checkout's sources instead of this one's.
+        self.source = [str(pathlib.Path(args.baseline) / 'src')] \
+            if baseline else []
 
     def start(self, wrapper=()):
         env = dict(os.environ)
         env['PYTHONPATH'] = os.pathsep.join(
-            [str(self.dir)] + [p for p in sys.path if p])
+            [str(self.dir)] + self.source + [p for p in sys.path if p])
         self.output = open(self.dir / 'output.txt', 'wb')
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(

@@ -59,10 +59,12 @@ from workload import Workload
 WORKDIR = None   # daemon directories go here (see main)
 
 
-def run_daemon(broker, args, meters, round_=0, confirm=False):
+def run_daemon(broker, args, meters, round_=0, confirm=False,
+               baseline=False):
     workload = Workload(broker, args.messages, args.size,
                         queue_type=args.queue_type)
-    daemon = Daemon(workload, args, WORKDIR, confirm=confirm)
+    daemon = Daemon(workload, args, WORKDIR, confirm=confirm,
+                    baseline=baseline)
     spy = None
     if args.py_spy:
         spy = f'{args.py_spy}{"-confirm" if confirm else ""}-{round_ + 1}.txt'
@@ -157,8 +159,8 @@ def backlog_rss(broker, args):
 
 def report(results, args):
     med = table(results, args, extra=[('msg/commit', 12, per_commit)])
-    daemons = [name for name in results if name in DAEMONS]
-    raws = [name for name in results if name not in DAEMONS]
+    daemons = [name for name in results if name.startswith('daemon')]
+    raws = [name for name in results if not name.startswith('daemon')]
     for daemon in daemons:
         print()
         others = raws + [name for name in daemons if name != daemon]
@@ -213,7 +215,7 @@ TARGETS = {('daemon', 'raw-b'): 2, ('daemon', 'raw-g'): 0.9,
 # Client CPU per message: the first at most the second's.
 CPU_TARGETS = (('daemon', 'raw-b'), ('daemon-confirm', 'raw-c'))
 # The variants committing AMQP transactions.
-TX = ('daemon', 'raw-a', 'raw-b', 'raw-g')
+TX = ('daemon', 'daemon-baseline', 'raw-a', 'raw-b', 'raw-g')
 
 
 def main(argv=None):
@@ -243,9 +245,10 @@ def main(argv=None):
     meters = {'broker': meter(cpu_seconds, broker_pid)}
 
     def run(name, round_):
-        if name in DAEMONS:
+        if name.startswith('daemon'):
             return run_daemon(broker, args, meters, round_,
-                              confirm=name == 'daemon-confirm')
+                              confirm=name.startswith('daemon-confirm'),
+                              baseline=name.endswith('-baseline'))
         return run_raw(name.split('-')[1], broker, args, meters)
 
     global WORKDIR

@@ -44,6 +44,11 @@ def add_common_options(parser, messages, variants):
                         'x-queue-type quorum)')
     parser.add_argument('--worker-extra', default='',
                         help='more lines for the daemon\'s <worker>')
+    parser.add_argument('--baseline', metavar='CHECKOUT', default=None,
+                        help='an earlier checkout of gocept.amqprun: the '
+                        'variants daemon-baseline and '
+                        'daemon-confirm-baseline run its src/ (before/after '
+                        'figures of one run)')
     parser.add_argument('--variants', default=variants,
                         help='comma-separated subset of the variants')
     parser.add_argument('--keep', action='store_true',
@@ -245,9 +250,16 @@ def meter(read, pid):
 
 
 def chosen(parser, args, known):
-    """The variants of `args.variants`; an error for unknown ones."""
+    """The variants of `args.variants`; an error for unknown ones. The
+    daemon variants of `known` also exist as ``...-baseline`` (see
+    --baseline, which they need)."""
     variants = args.variants.split(',')
+    known = tuple(known) + tuple(
+        f'{name}-baseline' for name in known if name.startswith('daemon'))
     unknown = [name for name in variants if name not in known]
+    if any(name.endswith('-baseline') for name in variants) \
+            and not args.baseline:
+        parser.error('the -baseline variants need --baseline CHECKOUT')
     if unknown:
         parser.error(f'unknown variant(s): {", ".join(unknown)} (known: '
                      f'{", ".join(known)})')

@@ -166,7 +166,8 @@ def run_variant(name, broker, args, workdir, meters):
                         queue_type=args.queue_type)
     if name.startswith('daemon'):
         consumer = Daemon(workload, args, workdir,
-                          confirm=name == 'daemon-confirm')
+                          confirm=name.startswith('daemon-confirm'),
+                          baseline=name.endswith('-baseline'))
         wait_ready = Daemon.wait_started
     else:
         consumer = Raw(name.split('-')[1], workload, args)

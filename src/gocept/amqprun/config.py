@@ -38,6 +38,7 @@ MINIMUMS = (
     ('amqp-server', 'send_timeout', 0),
     ('amqp-server', 'prefetch', 1),
     ('worker', 'amount', 1),
+    ('worker', 'channels', 1),
     ('worker', 'prefetch', 1),
     ('worker', 'shutdown-timeout', 0),
     ('worker', 'retries', 0),

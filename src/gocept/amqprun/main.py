@@ -107,6 +107,7 @@ def serve(config_file):
         server = gocept.amqprun.server.Server(
             config.parameters,
             workers=config.worker.amount,
+            channels=config.worker.channels,
             prefetch=config.prefetch,
             shutdown_timeout=config.worker.shutdown_timeout,
             retry_policy=config.retry_policy,

@@ -39,7 +39,7 @@ def call_handler(handler, body=b'', header=None, routing_key=None,
         routing_key = gocept.amqprun.handler.routing_keys(handler)[0]
     message = gocept.amqprun.message.Message(
         header, body, delivery_tag=1, routing_key=routing_key)
-    session = gocept.amqprun.session.Session(None, received=message)
+    session = gocept.amqprun.session.Session(None, None, received=message)
     replies = []
     manager = transaction.manager
     manager.begin()

@@ -279,7 +279,13 @@ def test_zdaemon_restarts_after_crashes_poison_is_parked_after_retries(
     assert all(1 <= n <= RETRIES + 1 for n in crashed.values()), crashed
     if len(poisons) == 1:
         assert crashed.total() == RETRIES + 1
-    assert log.count('handlers Handling poison') == crashed.total()
+    if len(poisons) == 1:
+        assert log.count('handlers Handling poison') == crashed.total()
+    else:
+        # Two poisons handled at the same moment (both still fresh from
+        # their queue): one may die logging, before it recorded its crash.
+        assert 0 <= log.count('handlers Handling poison') \
+            - crashed.total() < len(poisons)
     # Each run of the daemon connected once: the crashes and the last one.
     assert log.count('gocept.amqprun.connection Connected to ') \
         == crashed.total() + 1
