@@ -129,7 +129,9 @@ class Outbox:
         return session if isinstance(session, sqlalchemy.orm.Session) else session()
 
     def applies(self, queue, message_id):
-        """Whether a message of `queue` with `message_id` is recorded."""
+        """Whether this outbox covers a message of `queue` with
+        `message_id`: its queue is one of `queues` and it has an id
+        (whether it was recorded is `recorded`'s question)."""
         if self.queues is not None and queue not in self.queues:
             return False
         if not message_id:
