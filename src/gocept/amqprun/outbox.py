@@ -103,6 +103,8 @@ class Outbox:
     retention: seconds a record is kept (default 7 days).
     create: create the tables (if missing) when the server starts.
     prune_interval: seconds between two deletions of old records.
+
+    Thread-safe: every worker thread calls it.
     """
 
     def __init__(self, session, queues=None, retention=7 * DAY,
@@ -114,7 +116,7 @@ class Outbox:
         self.retention = retention
         self.create = create
         self.prune_interval = prune_interval
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()   # for the next two
         self._next_prune = time.monotonic() + prune_interval
         self._without_id = set()
 
@@ -135,8 +137,10 @@ class Outbox:
         if self.queues is not None and queue not in self.queues:
             return False
         if not message_id:
-            if queue not in self._without_id:
+            with self._lock:    # workers call it concurrently
+                first = queue not in self._without_id
                 self._without_id.add(queue)
+            if first:
                 log.warning('Messages without message-id in queue %r are '
                             'not recorded in the outbox (handled '
                             'at-least-once).', queue)
