@@ -72,8 +72,8 @@ outbox = sa.Table(
 DAY = 86400
 
 # The statements of every handled message, as text: compiling the Core
-# constructs each time costs more than the round trips (measured: 0.6 ms
-# of CPU per message with Core on the session, 0.4 ms like this).
+# constructs each time costs more CPU than the round trips (the figures:
+# README.txt, Performance).
 IS_RECORDED = sa.text(
     'SELECT 1 FROM amqprun_inbox WHERE queue = :queue '
     'AND message_id = :message_id')
