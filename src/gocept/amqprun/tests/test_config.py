@@ -62,6 +62,15 @@ def test_unknown_names_get_the_closest_known_one(tmp_path, kw, expected):
     (dict(worker='  retries -1\n'),
      'FILE, line 8, section <worker>, key retries: must be at least 0, '
      'not -1'),
+    (dict(worker='  retry-delay -5\n'),
+     'FILE, line 8, section <worker>, key retry-delay: must be at least 0, '
+     'not -5'),
+    (dict(worker='  retry-backoff 0.5\n'),
+     'FILE, line 8, section <worker>, key retry-backoff: must be at least '
+     '1, not 0.5'),
+    (dict(worker='  retry-delay 10\n  retry-max-delay 5\n'),
+     'FILE, line 9, section <worker>, key retry-max-delay: must not be less '
+     'than retry-delay (10)'),
     (dict(worker='  progress-interval -5\n'),
      'FILE, line 8, section <worker>, key progress-interval: must be at '
      'least 0, not -5.0'),
