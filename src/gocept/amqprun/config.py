@@ -41,10 +41,18 @@ MINIMUMS = (
     ('worker', 'channels', 1),
     ('worker', 'prefetch', 1),
     ('worker', 'shutdown-timeout', 0),
-    ('worker', 'retries', 0),
-    ('worker', 'retry-delay', 0),
     ('worker', 'progress-interval', 0),
 )
+# The <worker> keys of the retry policy: RetryPolicy's argument -> key.
+# RetryPolicy checks them (retry.PolicyError names the argument).
+RETRY_KEYS = {
+    'retries': 'retries',
+    'delay': 'retry-delay',
+    'park': 'park',
+    'error_routing_key': 'error-routing-key',
+    'backoff': 'retry-backoff',
+    'max_delay': 'retry-max-delay',
+}
 
 
 class ConfigError(Exception):
@@ -120,21 +128,14 @@ def check_config(config, path):
     if worker.commit_mode not in COMMIT_MODES:
         fail('worker', 'commit-mode', 'must be "transaction" or '
              f'"confirm", not {worker.commit_mode!r}')
-    if worker.park not in gocept.amqprun.retry.PARK_MODES:
-        fail('worker', 'park', 'must be "queue" or "reject", not '
-             f'{worker.park!r}')
     config.prefetch = (worker.prefetch if worker.prefetch is not None
                        else server.prefetch)
-    if worker.retry_backoff < 1:
-        fail('worker', 'retry-backoff',
-             f'must be at least 1, not {worker.retry_backoff:g}')
-    if worker.retry_max_delay < worker.retry_delay:
-        fail('worker', 'retry-max-delay', 'must not be less than '
-             f'retry-delay ({worker.retry_delay:g})')
-    config.retry_policy = gocept.amqprun.retry.RetryPolicy(
-        retries=worker.retries, delay=worker.retry_delay, park=worker.park,
-        error_routing_key=worker.error_routing_key,
-        backoff=worker.retry_backoff, max_delay=worker.retry_max_delay)
+    try:
+        config.retry_policy = gocept.amqprun.retry.RetryPolicy(**{
+            argument: getattr(worker, key.replace('-', '_'))
+            for argument, key in RETRY_KEYS.items()})
+    except gocept.amqprun.retry.PolicyError as e:
+        fail('worker', RETRY_KEYS[e.argument], e.problem(RETRY_KEYS))
     key = 'url' if server.url else 'hostname'
     try:
         config.parameters = parameters_from(config)

@@ -377,7 +377,8 @@ class Connection:
         """Drop the connection; `_on_close` reconnects."""
         if self._pika_open():
             log.error('Reconnecting: %s', why)
-            self._pika.close(320, 'reconnecting')
+            self._pika.close(gocept.amqprun.errors.CONNECTION_FORCED,
+                             'reconnecting')
 
     def _declared(self, declared, refused):
         """All queues declared but `refused` ({queue: why})."""
@@ -466,8 +467,7 @@ class Connection:
         if not self._pika_open() or self._closing:
             return
         self._ready.clear()
-        if getattr(why, 'reply_code', None) == 404 \
-                and 'no queue' in str(getattr(why, 'reply_text', '')):
+        if gocept.amqprun.errors.queue_deleted(why):
             # A queue went away under us: only a full redeclare helps.
             self.reconnect(f'{slot}: {reason(why)}')
             return

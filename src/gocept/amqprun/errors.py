@@ -6,8 +6,15 @@ turns any of them into a sentence that never contains a password.
 """
 
 import pika.exceptions
+import pika.spec
 from pika.adapters.utils.connection_workflow import (
     AMQPConnectionWorkflowFailed)
+
+
+# AMQP reply codes (pika.spec names them all).
+CONNECTION_FORCED = pika.spec.CONNECTION_FORCED       # 320
+NOT_FOUND = pika.spec.NOT_FOUND                       # 404
+PRECONDITION_FAILED = pika.spec.PRECONDITION_FAILED   # 406
 
 
 class AMQPError(Exception):
@@ -95,9 +102,23 @@ def closed_by_broker(why):
     return isinstance(why, pika.exceptions.ChannelClosedByBroker)
 
 
+def _closed_with(why, code, *words):
+    """Whether `why` (a pika close reason) has reply code `code` and
+    every one of `words` in its reply text."""
+    text = str(getattr(why, 'reply_text', ''))
+    return (getattr(why, 'reply_code', None) == code
+            and all(word in text for word in words))
+
+
 def timed_out(why):
     """Whether the broker closed a channel because a delivery was not
     acknowledged within its consumer timeout."""
-    return (getattr(why, 'reply_code', None) == 406
-            and 'acknowledgement' in str(getattr(why, 'reply_text', ''))
-            and 'timed out' in str(getattr(why, 'reply_text', '')))
+    return _closed_with(why, PRECONDITION_FAILED, 'acknowledgement',
+                        'timed out')
+
+
+def queue_deleted(why):
+    """Whether the broker closed a channel because a queue it used does
+    not exist (any more): 404 "NOT_FOUND - no queue ...". (A durable
+    queue whose node is down is another 404: "home node ... is down".)"""
+    return _closed_with(why, NOT_FOUND, 'no queue')

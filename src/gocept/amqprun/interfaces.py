@@ -61,6 +61,19 @@ class IHandler(zope.interface.Interface):
         Return an iterable of IMessage to send, or None. Everything sent is
         published together with the ACK of `message` when the transaction
         commits; an exception aborts it and nothing is sent.
+
+        Called concurrently: from every worker thread (``amount`` in the
+        ``<worker>`` section, `workers` of the Server), each call in a
+        `transaction` of its own that the worker begins and ends. The
+        handler must not commit or abort that transaction itself.
+
+        May see the same message more than once: a retry after a failure
+        (``amqprun-attempts`` header), a redelivery after a lost channel,
+        connection or process (``message.redelivered``), among them a
+        commit that was in doubt and that the broker rolled back while a
+        database in the transaction had committed. Effects outside the
+        AMQP transaction can therefore repeat; an `IOutbox` makes SQL
+        effects exactly-once.
         """
 
 
@@ -97,25 +110,48 @@ class ISender(zope.interface.Interface):
 
 class IOutbox(zope.interface.Interface):
     """Records handled messages and their replies in the handler's
-    database transaction (see `gocept.amqprun.outbox`)."""
+    database transaction (see `gocept.amqprun.outbox`).
+
+    Every worker thread calls it, concurrently: its methods must be
+    thread-safe. Per message, in the worker thread that handles it:
+    `applies`, then (if it applies) `recorded` and either the recorded
+    messages are sent again or the handler runs and `record` runs right
+    before that transaction commits; after the transaction, `prune_due`
+    and, if it says so, `prune`.
+    """
 
     def applies(queue, message_id):
-        """Whether a message of `queue` with `message_id` is recorded."""
+        """Whether the outbox covers messages of `queue` (it may cover
+        only some queues) with `message_id` (a message without id cannot
+        be recorded). Says nothing about whether it was recorded."""
 
     def prepare():
-        """Get ready before the first message (e.g. create tables)."""
+        """Get ready before the first message (e.g. create tables);
+        called once, by `Server.start` before the workers start."""
 
     def recorded(queue, message_id):
-        """The recorded messages of a handled input, or None."""
+        """The recorded messages of a handled input, or None.
+
+        Runs in the handler's transaction (the calling worker thread's
+        current `transaction`), before the handler is called."""
 
     def record(queue, message_id, messages):
-        """Record the input as handled with the messages it sends."""
+        """Record the input as handled with the messages it sends.
+
+        Runs in the handler's transaction, as a before-commit hook (so
+        `messages` is complete): it commits or aborts with the handler's
+        work."""
 
     def prune_due():
-        """Whether old records should be deleted now (True once)."""
+        """Whether old records should be deleted now.
+
+        Called concurrently by every worker thread after each message;
+        True for one caller only until the next prune is due."""
 
     def prune(transaction_manager):
-        """Delete old records in a transaction of their own."""
+        """Delete old records in a transaction of their own, begun and
+        ended with `transaction_manager` (the calling worker thread's,
+        after the handler's transaction has ended)."""
 
 
 class ILoop(zope.interface.Interface):
@@ -127,7 +163,18 @@ class ILoop(zope.interface.Interface):
         """Run the loop in the calling thread until `stop()` is called."""
 
     def stop():
-        """Stop the loop; thread-safe; returns when it has stopped."""
+        """Stop the loop; thread-safe.
+
+        Returns when it has stopped -- or when it gave up waiting: the
+        Server waits up to its `shutdown_timeout` for running handlers
+        and a few seconds for each answer of the broker (cancelling the
+        consumers, putting unstarted deliveries back, closing the
+        connection); what it gave up on is left to the broker, which
+        redelivers unacknowledged messages. A call while a stop is under
+        way returns at once.
+
+        Must not be called from a handler (it waits for the handlers'
+        worker threads): use `fail()` there."""
 
     def fail(error):
         """Stop the loop because of `error`, which `start()` then raises;

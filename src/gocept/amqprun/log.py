@@ -13,7 +13,6 @@ collectors; use it in the configuration file::
     </eventlog>
 """
 
-import collections
 import contextvars
 import datetime
 import json
@@ -159,18 +158,15 @@ class Progress:
 
     def line(self):
         """The text of the next line (and remember it as the last)."""
-        totals = collections.Counter()
-        for (queue, outcome), count in \
-                self.stats.snapshot()['messages'].items():
-            totals[outcome] += count
+        totals = self.stats.totals()
         now = self.clock()
-        handled = totals.get('handled', 0)
+        handled = totals['handled']
         since, before = self._last or (now, 0)
         self._last = (now, handled)
         outcomes = list(gocept.amqprun.stats.OUTCOMES) + sorted(
             set(totals) - set(gocept.amqprun.stats.OUTCOMES))
         counts = ', '.join(
-            f'{totals.get(outcome, 0)} {outcome}' for outcome in outcomes)
+            f'{totals[outcome]} {outcome}' for outcome in outcomes)
         elapsed = now - since
         rate = (handled - before) / elapsed if elapsed > 0 else 0.0
         return (f'Progress: {counts} since start; {rate:.2f} handled/s '

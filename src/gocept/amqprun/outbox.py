@@ -72,8 +72,8 @@ outbox = sa.Table(
 DAY = 86400
 
 # The statements of every handled message, as text: compiling the Core
-# constructs each time costs more than the round trips (measured: 0.6 ms
-# of CPU per message with Core on the session, 0.4 ms like this).
+# constructs each time costs more CPU than the round trips (the figures:
+# README.txt, Performance).
 IS_RECORDED = sa.text(
     'SELECT 1 FROM amqprun_inbox WHERE queue = :queue '
     'AND message_id = :message_id')
@@ -103,6 +103,8 @@ class Outbox:
     retention: seconds a record is kept (default 7 days).
     create: create the tables (if missing) when the server starts.
     prune_interval: seconds between two deletions of old records.
+
+    Thread-safe: every worker thread calls it.
     """
 
     def __init__(self, session, queues=None, retention=7 * DAY,
@@ -114,7 +116,7 @@ class Outbox:
         self.retention = retention
         self.create = create
         self.prune_interval = prune_interval
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()   # for the next two
         self._next_prune = time.monotonic() + prune_interval
         self._without_id = set()
 
@@ -129,12 +131,16 @@ class Outbox:
         return session if isinstance(session, sqlalchemy.orm.Session) else session()
 
     def applies(self, queue, message_id):
-        """Whether a message of `queue` with `message_id` is recorded."""
+        """Whether this outbox covers a message of `queue` with
+        `message_id`: its queue is one of `queues` and it has an id
+        (whether it was recorded is `recorded`'s question)."""
         if self.queues is not None and queue not in self.queues:
             return False
         if not message_id:
-            if queue not in self._without_id:
+            with self._lock:    # workers call it concurrently
+                first = queue not in self._without_id
                 self._without_id.add(queue)
+            if first:
                 log.warning('Messages without message-id in queue %r are '
                             'not recorded in the outbox (handled '
                             'at-least-once).', queue)

@@ -105,6 +105,36 @@ def returns(delivery):
     return 1 if delivery.redelivered else 0
 
 
+class PolicyError(ValueError):
+    """An argument of `RetryPolicy` is out of range.
+
+    `argument` is its name; `problem(names)` says what is wrong with it,
+    calling an argument it is compared with by its name in `names` (e.g.
+    a configuration file's keys; default: the argument's own name).
+    str(): the argument's name and the problem.
+    """
+
+    OTHER = '{other}'   # where `problem` names the argument compared with
+
+    def __init__(self, argument, problem, other=None):
+        self.argument = argument
+        self.other = other
+        self._problem = problem
+        super().__init__(f'{argument} {self.problem()}')
+
+    def problem(self, names=None):
+        if self.other is None:
+            return self._problem
+        return self._problem.replace(
+            self.OTHER, (names or {}).get(self.other, self.other))
+
+
+def _one_of(choices):
+    quoted = [f'"{choice}"' for choice in choices]
+    return ' or '.join([', '.join(quoted[:-1])] + quoted[-1:]) \
+        if len(quoted) > 1 else quoted[0]
+
+
 Decision = collections.namedtuple(
     'Decision', 'outcome description publishes reject')
 Decision.__doc__ = """What to commit for a delivery: `outcome` is
@@ -123,19 +153,26 @@ class RetryPolicy:
     park: 'queue' (``<queue>.parked``) or 'reject' (the queue's
         dead-letter exchange); ignored when error_routing_key is set.
     error_routing_key: park by publishing to amq.topic with this key.
+
+    Raises PolicyError for an argument out of range (the configuration
+    file's checks are these).
     """
 
     def __init__(self, retries=3, delay=5.0, park='queue',
                  error_routing_key=None, backoff=1.0, max_delay=300.0):
         if park not in PARK_MODES:
-            raise ValueError(
-                f'park must be one of {", ".join(PARK_MODES)}, not {park!r}')
-        if retries < 0 or delay < 0:
-            raise ValueError('retries and delay must not be negative')
-        if backoff < 1:
-            raise ValueError('backoff must be at least 1')
+            raise PolicyError(
+                'park', f'must be {_one_of(PARK_MODES)}, not {park!r}')
+        for argument, value, minimum in (
+                ('retries', retries, 0), ('delay', delay, 0),
+                ('backoff', backoff, 1)):
+            if value < minimum:
+                raise PolicyError(
+                    argument, f'must be at least {minimum}, not {value:g}')
         if max_delay < delay:
-            raise ValueError('max_delay must not be less than delay')
+            raise PolicyError(
+                'max_delay', f'must not be less than {PolicyError.OTHER} '
+                f'({delay:g})', other='delay')
         self.retries = retries
         self.delay = delay
         self.backoff = backoff

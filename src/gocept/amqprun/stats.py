@@ -65,16 +65,6 @@ class Stats:
         with self._lock:
             self._messages[queue, outcome] += 1
 
-    def handler_time(self, queue, seconds):
-        """A handler call of `queue` took `seconds` (failed ones too)."""
-        with self._lock:
-            self._handler[queue].observe(seconds)
-
-    def commit_time(self, seconds):
-        """A transaction's commit took `seconds`."""
-        with self._lock:
-            self._commit.observe(seconds)
-
     def committed(self, queue, seconds=None):
         """A handled message of `queue` was committed (after `seconds`,
         if known): counted as handled once the commit is confirmed."""
@@ -99,8 +89,9 @@ class Stats:
     def finished(self, queue=None, handler_seconds=None,
                  commit_seconds=None, outcome=None):
         """The message `started` is done: its handler call took
-        `handler_seconds`, its commit `commit_seconds`, it was `outcome`
-        (each None if it does not apply). One call on the hot path."""
+        `handler_seconds` (failed calls too), its commit
+        `commit_seconds`, it was `outcome` (each None if it does not
+        apply). One call on the hot path."""
         with self._lock:
             self._in_flight -= 1
             if handler_seconds is not None:

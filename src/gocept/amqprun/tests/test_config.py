@@ -1,8 +1,14 @@
 """Configuration errors: where they are and what was meant."""
 
+import inspect
+import pathlib
+import re
+
 import pytest
 
 import gocept.amqprun.config
+import gocept.amqprun.retry
+import gocept.amqprun.server
 
 
 def load(tmp_path, server='  hostname localhost\n', worker='', extra=''):
@@ -62,6 +68,15 @@ def test_unknown_names_get_the_closest_known_one(tmp_path, kw, expected):
     (dict(worker='  retries -1\n'),
      'FILE, line 8, section <worker>, key retries: must be at least 0, '
      'not -1'),
+    (dict(worker='  retry-delay -5\n'),
+     'FILE, line 8, section <worker>, key retry-delay: must be at least 0, '
+     'not -5'),
+    (dict(worker='  retry-backoff 0.5\n'),
+     'FILE, line 8, section <worker>, key retry-backoff: must be at least '
+     '1, not 0.5'),
+    (dict(worker='  retry-delay 10\n  retry-max-delay 5\n'),
+     'FILE, line 9, section <worker>, key retry-max-delay: must not be less '
+     'than retry-delay (10)'),
     (dict(worker='  progress-interval -5\n'),
      'FILE, line 8, section <worker>, key progress-interval: must be at '
      'least 0, not -5.0'),
@@ -105,6 +120,87 @@ def test_defaults(tmp_path):
     assert config.worker.progress_interval == 60
     assert config.prefetch is None
     assert config.parameters.hostname == 'localhost'
+
+
+# schema.xml is the home of the <worker> defaults (and what the
+# documentation shows); the Python API repeats some in its signatures, for
+# code that embeds a Server: these tests keep them equal. <worker> key ->
+# the argument of Server (RetryPolicy's: config.RETRY_KEYS).
+SERVER_DEFAULTS = {
+    'amount': 'workers',
+    'shutdown-timeout': 'shutdown_timeout',
+    'prefetch': 'prefetch',
+}
+# Keys with a default no Python signature repeats (main passes it on).
+SCHEMA_ONLY = {'progress-interval', 'commit-mode'}
+
+
+def signature_default(function, argument):
+    return inspect.signature(function).parameters[argument].default
+
+
+def test_schema_defaults_are_the_defaults_of_the_python_api(tmp_path):
+    worker = load(tmp_path).worker
+    expected = {key: signature_default(
+        gocept.amqprun.server.Server, argument)
+        for key, argument in SERVER_DEFAULTS.items()}
+    expected.update({key: signature_default(
+        gocept.amqprun.retry.RetryPolicy, argument)
+        for argument, key in gocept.amqprun.config.RETRY_KEYS.items()})
+    actual = {key: getattr(worker, key.replace('-', '_'))
+              for key in expected}
+    assert actual == expected
+    # commit-mode transaction is Server(confirm=False).
+    assert worker.commit_mode == 'transaction'
+    assert signature_default(gocept.amqprun.server.Server, 'confirm') \
+        is False
+    with_default = {key for key, info in schema_keys('worker')
+                    if info.getdefault() is not None}
+    assert with_default <= set(expected) | SCHEMA_ONLY
+
+
+def schema_keys(section):
+    return list(gocept.amqprun.config.load_schema().gettype(section))
+
+
+def test_schema_names_the_default_prefetch_of_the_server():
+    description = ' '.join(dict(schema_keys('amqp-server'))[
+        'prefetch'].description.split())
+    assert (f'default {gocept.amqprun.server.DEFAULT_PREFETCH}, '
+            f'{gocept.amqprun.server.DEFAULT_CONFIRM_PREFETCH} with '
+            'commit-mode confirm') in description
+
+
+def readme_table(title):
+    """{key: default} of the table after the line `title` in README.txt
+    (skip when the checkout's README is not there)."""
+    readme = pathlib.Path(__file__).resolve().parents[4] / 'README.txt'
+    if not readme.is_file():
+        pytest.skip(f'no {readme}')
+    lines = readme.read_text(encoding='utf-8').splitlines()
+    rows = lines[lines.index(title):]
+    table = {}
+    borders = 0
+    for line in rows:
+        if line.startswith('='):
+            borders += 1
+            if borders == 3:
+                break
+        elif borders == 2 and line[:1].strip():
+            key, default = re.split(r'\s{2,}', line)[:2]
+            table[key] = default
+    return table
+
+
+def test_readme_shows_the_schema_defaults_of_the_worker_section():
+    documented = readme_table('``<worker>`` (required):')
+    schema = {key: info.getdefault().value if info.getdefault() else '--'
+              for key, info in schema_keys('worker')}
+    # prefetch has no schema default: the Server picks it by commit mode.
+    assert documented.pop('prefetch').startswith(
+        f'{gocept.amqprun.server.DEFAULT_PREFETCH} (')
+    del schema['prefetch']
+    assert documented == schema
 
 
 def test_prefetch_of_worker_wins(tmp_path):

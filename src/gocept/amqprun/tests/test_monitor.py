@@ -168,7 +168,8 @@ def test_exports_every_outcome_counted():
     server.stats.message('q', 'handled')
     server.stats.message('other', 'parked')
     server.stats.message('q', 'crash-looped')
-    server.stats.handler_time('q', 0.003)
+    server.stats.started()
+    server.stats.finished('q', handler_seconds=0.003)
     monitor = gocept.amqprun.monitor.Monitor(server, ('127.0.0.1', 0))
     monitor.start()
     try:

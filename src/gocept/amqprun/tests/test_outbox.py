@@ -6,6 +6,7 @@ test_commit_faults.py.
 """
 
 import datetime
+import threading
 
 import pytest
 import sqlalchemy as sa
@@ -225,6 +226,50 @@ def test_messages_without_id_and_other_queues_are_not_recorded(
     assert not box.applies(f'{name_prefix}.in', None)
     assert box.applies(f'{name_prefix}.in', '<id@host>')
     assert 'are not recorded in the outbox' in caplog.text
+
+
+class RendezvousSet(set):
+    """A set whose first membership test waits (up to `patience`
+    seconds) until a second thread tests membership too: two threads
+    that check it without a lock both find what the other is about to
+    add missing."""
+
+    def __init__(self, patience):
+        super().__init__()
+        self.patience = patience
+        self.entered = threading.Semaphore(0)
+        self.first = threading.Event()
+
+    def __contains__(self, item):
+        found = super().__contains__(item)
+        if not self.first.is_set():
+            self.first.set()
+            self.entered.acquire(timeout=self.patience)
+        else:
+            self.entered.release()
+        return found
+
+
+def test_a_queue_without_message_ids_is_logged_once_by_concurrent_workers(
+        caplog):
+    box = gocept.amqprun.outbox.Outbox(lambda: None)
+    box._without_id = RendezvousSet(patience=2)
+    barrier = threading.Barrier(2)
+    answers = []
+
+    def worker():
+        barrier.wait(timeout=10)
+        answers.append(box.applies('q', None))
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert answers == [False, False]
+    assert [r.getMessage() for r in caplog.records] == [
+        "Messages without message-id in queue 'q' are not recorded in the "
+        'outbox (handled at-least-once).']
+    assert set(box._without_id) == {'q'}
 
 
 def test_prune_forgets_records_older_than_the_retention(db, name_prefix):

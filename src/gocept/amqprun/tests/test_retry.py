@@ -85,6 +85,29 @@ def test_max_delay_below_delay_is_refused():
         retry.RetryPolicy(delay=10, max_delay=5)
 
 
+@pytest.mark.parametrize('kw, argument, text', [
+    (dict(park='nowhere'), 'park',
+     'park must be "queue" or "reject", not \'nowhere\''),
+    (dict(retries=-1), 'retries', 'retries must be at least 0, not -1'),
+    (dict(delay=-0.5), 'delay', 'delay must be at least 0, not -0.5'),
+    (dict(backoff=0.5), 'backoff', 'backoff must be at least 1, not 0.5'),
+    (dict(delay=10, max_delay=5), 'max_delay',
+     'max_delay must not be less than delay (10)'),
+])
+def test_a_refused_argument_is_named(kw, argument, text):
+    with pytest.raises(retry.PolicyError) as e:
+        retry.RetryPolicy(**kw)
+    assert e.value.argument == argument
+    assert str(e.value) == text
+
+
+def test_a_refused_argument_names_what_it_is_compared_with_as_asked():
+    with pytest.raises(retry.PolicyError) as e:
+        retry.RetryPolicy(delay=10, max_delay=5)
+    assert e.value.problem({'delay': 'retry-delay'}) == (
+        'must not be less than retry-delay (10)')
+
+
 def test_retry_decision_counts_and_routes_by_delay():
     policy = retry.RetryPolicy(retries=3, delay=1, backoff=2)
     decision = policy.decide(
