@@ -212,6 +212,8 @@ class Stopped:
 
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# Seconds the main thread waits for an event at a time (see Daemon.run).
+WAKE_UP = 0.1
 
 
 class Daemon:
@@ -244,9 +246,15 @@ class Daemon:
         if self.monitor is not None:
             self.monitor.start()
         self.runner.start()
-        code = None
+        code = event = None
         while code is None:
-            event = self.events.get()
+            try:
+                # With a timeout: Python runs signal handlers in the main
+                # thread only, and a signal the kernel gave another thread
+                # would not wake an endless wait.
+                event = self.events.get(timeout=WAKE_UP)
+            except queue.Empty:
+                continue
             code = event.apply(self)
         return self.shut_down(code, stop=self.started
                               or isinstance(event, Signalled))

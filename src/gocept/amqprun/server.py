@@ -27,9 +27,6 @@ log = logging.getLogger(__name__)
 # confirms in flight (README, Performance).
 DEFAULT_PREFETCH = 2
 DEFAULT_CONFIRM_PREFETCH = 100
-# Consumer channels: their commits are grouped (see `commits`); fewer
-# channels make bigger groups.
-DEFAULT_CHANNELS = 1
 # Seconds stop() waits for the broker: to cancel the consumers, to answer
 # the commits in flight and to close the connection.
 BROKER_TIMEOUT = 5.0
@@ -96,7 +93,7 @@ class Server:
 
     def __init__(self, parameters, setup_handlers=True, workers=1,
                  prefetch=None, shutdown_timeout=30.0, on_ready=None,
-                 retry_policy=None, confirm=False, channels=None):
+                 retry_policy=None, confirm=False, channels=1):
         self.parameters = parameters
         self.shutdown_timeout = shutdown_timeout
         self.retry_policy = (
@@ -111,7 +108,7 @@ class Server:
             prefetch = (DEFAULT_CONFIRM_PREFETCH if confirm
                         else DEFAULT_PREFETCH)
         count = workers if self.handlers else 0
-        channels = min(channels or DEFAULT_CHANNELS, count)
+        channels = min(channels, count)
         self.dispatcher = gocept.amqprun.dispatch.Dispatcher(count)
         self.settlement = gocept.amqprun.settlement.Settlement(
             self.retry_policy, self.stats, self.dispatcher.put)

@@ -127,6 +127,7 @@ def test_defaults(tmp_path):
 # code that embeds a Server: these tests keep them equal. <worker> key ->
 # the argument of Server (RetryPolicy's: config.RETRY_KEYS).
 SERVER_DEFAULTS = {
+    'channels': 'channels',
     'amount': 'workers',
     'shutdown-timeout': 'shutdown_timeout',
     'prefetch': 'prefetch',
