@@ -539,3 +539,30 @@ def test_the_command_line_reports_unusable_configurations(
     result = cli(process, 'replay', '--all', routing, check=2)
     assert "routing key 'errors'" in result.out
     assert process.stop() == 0
+
+
+def test_the_command_line_names_a_replay_in_doubt(
+        tmp_path, amqp_client, amqp_parameters, name_prefix, server_process,
+        proxy):
+    story = Story(tmp_path, amqp_client, name_prefix, server_process)
+    ids = story.park('a', 'b', 'c')
+    story.fix()
+    process = story.process
+    through_proxy = variant(
+        process, 'proxy.conf',
+        f'  port {amqp_parameters.port or 5672}\n', f'  port {proxy.port}\n')
+    # The broker commits the second move; the tool never hears of it.
+    rule = proxy.arm(TX_COMMIT_OK, direction=TO_CLIENT, nth=2)
+    result = cli(process, 'replay', '--all', through_proxy, check=1)
+    assert rule.fired.wait(10)
+    assert f'replayed {ids[0]} to {story.queue}' in result.out
+    assert f'replay of message {ids[1]} is in doubt' in result.out
+    assert 'Traceback' not in result.out + result.err
+    # It was moved (the broker committed): handled once, like the first.
+    assert sorted(story.replies(2)) == ['a', 'b']
+    with Parked(amqp_parameters, [story.queue]) as parked:
+        assert ids_of(parked.list()) == [ids[2]]
+        parked.replay()
+    assert list(story.replies(1)) == ['c']
+    assert process.stop() == 0
+    assert amqp_client.count(story.out) == 0
