@@ -8,7 +8,7 @@ thread calls pika. Other threads use only the methods marked *thread-safe*
 (here and in `channel`): they hand work to the IO thread with
 `Connection.call`, which wakes the IO loop through pika's one thread-safe
 entry (``add_callback_threadsafe``), and, where they need the outcome,
-wait for an `outcome.Outcome` that the IO thread resolves. Handlers never
+wait for an `outcome.Outcome` that the IO thread resolves (`calls`). Handlers never
 run in the IO thread, so heartbeats flow while a handler works. Every
 method not marked thread-safe runs in the IO thread.
 
@@ -20,7 +20,6 @@ connection of its own for the check command) and the test client in
 `parameters`).
 """
 
-import collections
 import functools
 import logging
 import random
@@ -37,6 +36,7 @@ from gocept.amqprun.errors import ConnectionUnavailable
 from gocept.amqprun.errors import reason
 from gocept.amqprun.parameters import Parameters  # noqa: F401 (0.x API)
 from gocept.amqprun.parameters import safe_url
+import gocept.amqprun.calls
 import gocept.amqprun.declaration
 import gocept.amqprun.errors
 import gocept.amqprun.topology
@@ -89,10 +89,10 @@ class Connection:
         self._failure = None
         self._closing = False
         self._ever_connected = False
-        self._ever_declared = False
-        self._declaration = None
-        self._missing = set()     # queues the broker refused to declare
-        self._missing_attempts = 0
+        self._topology = gocept.amqprun.declaration.Topology(
+            self.queues, self.open_channel, self.call_later,
+            parameters.backoff, self._declared,
+            lambda why: self._fatal(ConnectionFailed(why)))
         self._attempt = 0
         # Several processes with the same addresses spread over them.
         self._start = random.randrange(
@@ -104,11 +104,7 @@ class Connection:
         # time.time() of the current connection; None while there is none.
         self.address = None
         self.connected_since = None
-        self._pending_calls = collections.deque()
-        self._wake_pending = False
-        self._calls_lock = threading.Lock()
-        self._in_calls = False
-        self._deferred = []
+        self._calls = gocept.amqprun.calls.Calls()
         self._idle_waiters = []     # called when no commit is left
 
     # Thread-safe API
@@ -189,49 +185,15 @@ class Connection:
         return self._stopped.wait(timeout)
 
     def call(self, function, *args):
-        """Run `function(*args)` in the IO thread soon; thread-safe.
-
-        Calls run in the order they were made. Many calls made while the
-        IO thread is busy cost one wake-up of its loop. Every commit
-        passes here, so only the wake-up takes a lock (a lock per call cost
-        several us of CPU per message in contention): append and popleft
-        of a deque are atomic, the caller appends before it looks whether
-        a wake-up is on its way, the IO thread clears that flag before it
-        takes the calls.
-        """
-        self._pending_calls.append(functools.partial(function, *args))
-        if self._wake_pending:
-            return
-        self._wake_pending = True
-        with self._calls_lock:
-            # Under the lock: run() closes the loop only after taking it.
-            if self._ioloop is not None:
-                self._ioloop.add_callback_threadsafe(self._run_calls)
-            # Else not running (yet): run() takes the calls.
-
-    def _run_calls(self):
-        self._wake_pending = False
-        pending = self._pending_calls
-        self._in_calls = True
-        try:
-            while pending:
-                pending.popleft()()
-        finally:
-            self._in_calls = False
-            deferred, self._deferred = self._deferred, []
-            for function in deferred:
-                function()
+        """Run `function(*args)` in the IO thread soon, after the calls
+        made before (`calls.Calls`); thread-safe."""
+        self._calls.call(function, *args)
 
     # IO thread
 
     def defer(self, function):
-        """Run `function` after the calls at hand (see `call`), or now
-        when there are none: what they hand over meanwhile is then seen
-        by it as one batch."""
-        if self._in_calls:
-            self._deferred.append(function)
-        else:
-            function()
+        """Run `function` after the calls at hand (`calls.Calls.defer`)."""
+        self._calls.defer(function)
 
     def _when_idle(self, callback):
         self._idle_waiters.append(callback)
@@ -267,17 +229,14 @@ class Connection:
             self._stopped.set()
             return
         try:
-            ioloop = IOLoop()
-            with self._calls_lock:
-                self._ioloop = ioloop
-            ioloop.add_callback_threadsafe(self._run_calls)
+            self._ioloop = IOLoop()
+            self._calls.attach(self._ioloop)
             self._connect()
             self._ioloop.start()
         finally:
             self._ready.clear()
             self._connected.clear()
-            with self._calls_lock:
-                ioloop, self._ioloop = self._ioloop, None
+            ioloop = self._calls.detach()
             error = ConnectionUnavailable('connection closed')
             for slot in self._all_slots():
                 slot.fail_waiting(error)
@@ -286,6 +245,7 @@ class Connection:
                 callback()
             if ioloop is not None:
                 ioloop.close()
+            self._ioloop = None
             self._stopped.set()
         if self._failure is not None:
             raise self._failure
@@ -328,9 +288,7 @@ class Connection:
             lambda *a: log.warning('The broker blocks publishing (alarm).'))
         connection.add_on_connection_unblocked_callback(
             lambda *a: log.info('The broker unblocked publishing.'))
-        self._declaration = gocept.amqprun.declaration.Declaration(
-            self.open_channel, self.queues, self._declared)
-        self._declaration.start()
+        self._topology.start()
 
     def _on_open_error(self, connection, error):
         self._pika = None
@@ -358,9 +316,7 @@ class Connection:
         self._connected.clear()
         self._pika = None
         self.address = self.connected_since = None
-        if self._declaration is not None:
-            self._declaration.cancel()
-            self._declaration = None
+        self._topology.cancel()
         # Start again with the next address.
         self._start = self._current + 1
         for slot in self._all_slots():
@@ -380,41 +336,16 @@ class Connection:
             self._pika.close(gocept.amqprun.errors.CONNECTION_FORCED,
                              'reconnecting')
 
-    def _declared(self, declared, refused):
-        """All queues declared but `refused` ({queue: why})."""
-        self._declaration = None
-        if refused and not self._ever_declared:
-            # At start-up a refusal is a configuration error.
-            self._fatal(ConnectionFailed(next(iter(refused.values()))))
-            return
-        self._ever_declared = True
-        self._missing = set(refused)
-        if refused:
-            self._missing_attempts += 1
-            delay = self.parameters.backoff(self._missing_attempts)
-            for why in refused.values():
-                log.error('%s; consuming the other queues, trying again in '
-                          '%.1f s', why, delay)
-            self._ioloop.call_later(delay, self._declare_missing)
-        else:
-            self._missing_attempts = 0
-        if self._connected.is_set():
-            # Queues declared again later: consume them now.
-            added = [q for q in declared if q.consume]
-            for slot in self.consumer_slots:
-                slot.consume_more(added)
-            self._check_ready()
-        else:
+    def _declared(self, declared, first):
+        """The queues `declared` (the first time on this connection, or
+        refused ones declared again later)."""
+        if first:
             self._open_slots()
-
-    def _declare_missing(self):
-        if not self._pika_open() or not self._missing \
-                or self._declaration is not None:
             return
-        missing = [q for q in self.queues if q in self._missing]
-        self._declaration = gocept.amqprun.declaration.Declaration(
-            self.open_channel, missing, self._declared)
-        self._declaration.start()
+        added = [q for q in declared if q.consume]
+        for slot in self.consumer_slots:
+            slot.consume_more(added)
+        self._check_ready()
 
     def _open_slots(self):
         self._connected.set()
@@ -441,7 +372,7 @@ class Connection:
         """[(prefetch or None, [queues])] that consumer `slot` consumes of
         `queues` (default: all declared; see `topology.consumption`)."""
         if queues is None:
-            queues = [q for q in self.queues if q not in self._missing]
+            queues = self._topology.available
         return gocept.amqprun.topology.consumption(
             queues, first=slot is self.consumer_slots[0])
 
@@ -450,7 +381,7 @@ class Connection:
         self._check_ready()
 
     def _check_ready(self):
-        if self._missing or not all(
+        if self._topology.missing or not all(
                 s.channel is not None and not s.opening
                 for s in self.consumer_slots):
             return

@@ -4,7 +4,9 @@ The broker answers a declaration it refuses (other arguments than an
 existing queue's, a classic queue whose home node is down) by closing the
 channel. A `Declaration` then notes the queue as refused, opens a new
 channel and goes on with the next queue, so that one refused queue does
-not keep the others from being declared (and consumed). IO thread only.
+not keep the others from being declared (and consumed). A connection's
+`Topology` declares its queues on each new connection and, after
+start-up, the refused ones again with backoff. IO thread only.
 """
 
 import functools
@@ -102,3 +104,75 @@ class Declaration:
         if not self._cancelled:
             self._cancelled = True
             self.on_done(self.declared, self.refused)
+
+
+class Topology:
+    """The queues of a connection, declared on each new connection.
+
+    A refusal at start-up is a configuration error: `on_fatal(error)`.
+    Later (a cluster node down) the refused queues are declared again
+    after `backoff(attempt)` seconds (`call_later(delay, function)`) while
+    the others are consumed. `on_declared(added, first)` gets the queues
+    declared by each round (`first`: the first round on this connection).
+    """
+
+    def __init__(self, queues, open_channel, call_later, backoff,
+                 on_declared, on_fatal):
+        self.queues = list(queues)
+        self.open_channel = open_channel
+        self.call_later = call_later
+        self.backoff = backoff
+        self.on_declared = on_declared
+        self.on_fatal = on_fatal
+        self.missing = set()     # queues the broker refused to declare
+        self._attempts = 0
+        self._ever_declared = False
+        self._declaration = None
+        self._connected = False
+        self._first = True
+
+    @property
+    def available(self):
+        """The queues declared on the current connection."""
+        return [q for q in self.queues if q not in self.missing]
+
+    def start(self):
+        """A new connection is open: declare every queue."""
+        self._connected = True
+        self._first = True
+        self._declare(self.queues)
+
+    def cancel(self):
+        """The connection is gone."""
+        self._connected = False
+        if self._declaration is not None:
+            self._declaration.cancel()
+            self._declaration = None
+
+    def _declare(self, queues):
+        self._declaration = Declaration(
+            self.open_channel, queues, self._declared)
+        self._declaration.start()
+
+    def _declared(self, declared, refused):
+        self._declaration = None
+        if refused and not self._ever_declared:
+            self.on_fatal(next(iter(refused.values())))
+            return
+        self._ever_declared = True
+        self.missing = set(refused)
+        if refused:
+            self._attempts += 1
+            delay = self.backoff(self._attempts)
+            for why in refused.values():
+                log.error('%s; consuming the other queues, trying again in '
+                          '%.1f s', why, delay)
+            self.call_later(delay, self._declare_missing)
+        else:
+            self._attempts = 0
+        first, self._first = self._first, False
+        self.on_declared(declared, first)
+
+    def _declare_missing(self):
+        if self._connected and self.missing and self._declaration is None:
+            self._declare([q for q in self.queues if q in self.missing])
