@@ -34,6 +34,7 @@ from pika.adapters.select_connection import IOLoop
 from gocept.amqprun.channel import Slot
 from gocept.amqprun.errors import ConnectionFailed
 from gocept.amqprun.errors import ConnectionUnavailable
+from gocept.amqprun.errors import Refused
 from gocept.amqprun.errors import reason
 from gocept.amqprun.parameters import Parameters  # noqa: F401 (0.x API)
 from gocept.amqprun.parameters import safe_url
@@ -198,7 +199,9 @@ class Connection:
 
         Raises ConnectionFailed when no connection could be made at start-up
         within the configured attempts, or when the broker refuses the
-        topology (e.g. a queue redeclared with other arguments).
+        topology at start-up; its subclass `errors.Refused` when the
+        refusal will not pass by itself (credentials, virtual host, a
+        queue redeclared with other arguments).
         """
         self._stopped.clear()
         if self._closing:       # close() came first
@@ -278,7 +281,7 @@ class Connection:
             return
         if not self._ever_connected and (
                 fatal or self._attempt >= attempts):
-            self._fatal(ConnectionFailed(
+            self._fatal((Refused if fatal else ConnectionFailed)(
                 f'Cannot connect to {self.parameters.describe()} '
                 f'(after {self._attempt} attempt(s)): {why}'))
             return
@@ -314,11 +317,11 @@ class Connection:
             self._pika.close(320, 'reconnecting')
 
     def _declared(self, declared, refused):
-        """All queues declared but `refused` ({queue: why})."""
+        """All queues declared but `refused` ({queue: error})."""
         self._declaration = None
         if refused and not self._ever_declared:
             # At start-up a refusal is a configuration error.
-            self._fatal(ConnectionFailed(next(iter(refused.values()))))
+            self._fatal(next(iter(refused.values())))
             return
         self._ever_declared = True
         self._missing = set(refused)
