@@ -161,7 +161,7 @@ two = gocept.amqprun.handler.declare('{name_prefix}.q', 'b')(print)
   <utility component="handlers.two" name="two" />''')
     process.start(wait=False)
     assert process.wait() == 2
-    assert f"Queue '{name_prefix}.q' is consumed by two handlers" in (
+    assert f"Queue '{name_prefix}.q' is consumed by 2 handlers" in (
         process.output_text())
 
 
