@@ -29,6 +29,8 @@ import gocept.amqprun.errors
 # name -> module of the subcommand.
 COMMANDS = {
     'check': 'gocept.amqprun.check',
+    'ready': 'gocept.amqprun.ready',
+    'init': 'gocept.amqprun.init',
 }
 # Other spellings of a subcommand (``server --check CONFIG``).
 ALIASES = {'--check': 'check'}

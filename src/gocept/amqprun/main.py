@@ -5,6 +5,8 @@
     server CONFIG                      run the daemon
     server check [--no-connect] CONFIG check the configuration (`check`;
                                        ``server --check CONFIG`` too)
+    server ready [--wait S] CONFIG     does the daemon consume? (`ready`)
+    server init DIR                    a new project (`init`)
     server --help | --version
 
 The subcommands are modules of their own, listed in `cli.COMMANDS`;
