@@ -23,8 +23,8 @@ class Declaration:
     (a function taking the on-open callback); then call
     `on_done(declared, refused)` -- the declared queues in order, and
     {queue: error} for the refused ones (`errors.refusal`: its message
-    says why). Nothing is called when the
-    connection goes meanwhile (`cancel` stops it explicitly)."""
+    says why). Nothing is called when the connection goes meanwhile
+    (`cancel` stops it explicitly)."""
 
     def __init__(self, open_channel, queues, on_done):
         self.open_channel = open_channel

@@ -56,7 +56,9 @@ def collect_handlers():
     """
     named = sorted(zope.component.getUtilitiesFor(
         gocept.amqprun.interfaces.IHandler))
-    for queue, names in duplicate_queues(named).items():
+    duplicates = duplicate_queues(named)
+    if duplicates:
+        queue, names = next(iter(duplicates.items()))
         raise DuplicateQueueError(
             f'Queue {queue!r} is consumed by {len(names)} handlers: '
             f'{" and ".join(map(repr, names))}.')
