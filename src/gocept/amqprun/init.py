@@ -12,7 +12,7 @@ Python identifier (``my-app`` -> ``my_app``):
 - ``etc/server.conf`` (the local broker, a ``<monitor>``),
   ``etc/server.zcml`` (includes the package), ``etc/zdaemon.conf`` (runs
   the daemon with the Python that ran `init`; ``start`` waits until it
-  consumes: ``server ready``) and ``var/``.
+  consumes: ``server ready``) and ``var/`` for what zdaemon writes.
 
 The files are the templates of ``skeleton/`` with their ``@name@``
 placeholders filled in. Paths are absolute (ZConfig ``%define``), so the
@@ -55,6 +55,7 @@ FILES = [
     ('etc/server.conf', 'server.conf.in'),
     ('etc/server.zcml', 'server.zcml.in'),
     ('etc/zdaemon.conf', 'zdaemon.conf.in'),
+    ('var/.gitignore', 'var_gitignore.in'),
 ]
 DEFAULT_HOSTNAME = 'localhost'
 DEFAULT_MONITOR = '127.0.0.1:8410'
@@ -169,10 +170,9 @@ def make(directory, options):
             path = root / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding='utf-8')
-        (root / 'var').mkdir()
     except OSError as e:
         raise Unusable(f'{e.filename}: cannot write: {e.strerror}') from None
-    return [name for name, _ in texts] + ['var/']
+    return [name for name, _ in texts]
 
 
 def next_steps(directory, files, out=print):

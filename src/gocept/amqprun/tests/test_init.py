@@ -40,7 +40,7 @@ def test_makes_a_project_named_after_the_directory(tmp_path, capsys):
         'src/my_app', 'src/my_app/__init__.py', 'src/my_app/configure.zcml',
         'src/my_app/handlers.py', 'src/my_app/tests',
         'src/my_app/tests/__init__.py', 'src/my_app/tests/test_handlers.py',
-        'var']
+        'var', 'var/.gitignore']
     for path in directory.rglob('*'):
         if path.is_file():   # every placeholder filled in
             assert not re.search(r'@[a-z]+@', path.read_text()), path
