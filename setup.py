@@ -22,7 +22,8 @@ setup(
     package_dir={'': 'src'},
     packages=find_namespace_packages('src', include=['gocept.*']),
     include_package_data=True,
-    package_data={'gocept.amqprun': ['*.xml', '*.zcml']},
+    # skeleton/: the templates of `server init`.
+    package_data={'gocept.amqprun': ['*.xml', '*.zcml', 'skeleton/*.in']},
     zip_safe=False,
     install_requires=[
         # The AMQP client; 1.x is the async API the IO thread is built on.

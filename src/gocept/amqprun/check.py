@@ -4,15 +4,25 @@
 loads the ZConfig file and the ZCML it names, lists the handlers (queue,
 routing keys, arguments, principal, where they were registered), reports
 queues consumed by more than one handler, then connects to the broker and
-compares every queue the daemon would declare with the live one: missing,
-or existing with other arguments. Nothing on the broker is changed.
+compares every queue the daemon would declare with the live one, and
+looks for the exchanges those queues depend on. Nothing on the broker is
+changed.
 
-Exit codes: 0 when everything agrees, 1 when a problem was found (or the
-broker cannot be reached), 2 when the configuration cannot be loaded or
-the command line is wrong.
+What it finds:
+
+- a queue that does not exist yet: the daemon creates it (and its
+  bindings) when it starts -- reported, not a problem;
+- a queue that exists with other arguments (the daemon would not start),
+  a missing exchange (``amq.topic``, or a queue's
+  ``x-dead-letter-exchange``), an unreachable broker, two handlers on one
+  queue: problems;
+- messages waiting in a ``.parked`` queue: a warning.
+
+Exit codes: 0 when there is no problem (warnings allowed), 1 when there
+is one (or the broker cannot be reached), 2 when the configuration cannot
+be loaded or the command line is wrong.
 """
 
-import collections
 import logging
 import sys
 
@@ -27,8 +37,13 @@ import gocept.amqprun.errors
 import gocept.amqprun.handler
 import gocept.amqprun.inspection
 import gocept.amqprun.interfaces
+import gocept.amqprun.retry
 import gocept.amqprun.server
 import gocept.amqprun.topology
+
+
+# The exchange every handler queue is bound to (and replies go to).
+TOPIC = 'amq.topic'
 
 
 class Registration:
@@ -58,26 +73,49 @@ def registrations():
 
 
 def duplicates(regs):
-    """{queue name: [registrations]} for queues with several handlers."""
-    by_queue = collections.defaultdict(list)
-    for reg in regs:
-        by_queue[reg.handler.queue_name].append(reg)
-    return {queue: regs for queue, regs in by_queue.items()
-            if len(regs) > 1}
+    """{queue name: [registrations]} for queues with several handlers
+    (as the daemon finds them: `server.duplicate_queues`)."""
+    by_name = {reg.name: reg for reg in regs}
+    found = gocept.amqprun.server.duplicate_queues(
+        (reg.name, reg.handler) for reg in regs)
+    return {queue: [by_name[name] for name in names]
+            for queue, names in found.items()}
 
 
-def check(config_file, connect=True, out=None):
-    """Run the check, printing to `out`; return the exit code."""
-    def say(text=''):
-        print(text, file=out or sys.stdout)
+class Report:
+    """The check's output (to `out`, default stdout) with its problems
+    and warnings counted."""
 
-    try:
-        config = gocept.amqprun.config.load(config_file)
-    except gocept.amqprun.config.ConfigError as e:
-        say(f'ERROR: {e}')
-        return EXIT_CONFIG
-    problems = 0
-    regs = registrations()
+    def __init__(self, out=None):
+        self.out = out
+        self.problems = 0
+        self.warnings = 0
+
+    def say(self, text=''):
+        print(text, file=self.out or sys.stdout)
+
+    def problem(self, text, indent='  '):
+        self.problems += 1
+        self.say(f'{indent}ERROR: {text}')
+
+    def warning(self, text, indent='  '):
+        self.warnings += 1
+        self.say(f'{indent}WARNING: {text}')
+
+    def result(self):
+        """Say the summary; return the exit code."""
+        if self.problems:
+            self.say(f'{self.problems} problem(s).')
+            return EXIT_FAILURE
+        if self.warnings:
+            self.say(f'{self.warnings} warning(s).')
+        self.say('OK.')
+        return EXIT_OK
+
+
+def describe(config, config_file, regs, report):
+    """List the configuration's files, monitor and handlers."""
+    say = report.say
     say(f'Configuration: {config_file}')
     say(f'Component configuration: '
         f'{config.worker.component_configuration}')
@@ -95,64 +133,113 @@ def check(config_file, connect=True, out=None):
         say(f'    routing keys: {", ".join(keys) or "-"}')
         say(f'    arguments: {h.arguments or "-"}')
         say(f'    principal: {h.principal or "-"}')
+
+
+def report_duplicates(regs, report):
+    """A problem for every queue that several handlers consume."""
     for queue, regs_ in sorted(duplicates(regs).items()):
-        problems += 1
-        say(f'ERROR: queue {queue!r} is consumed by '
-            f'{len(regs_)} handlers:')
+        report.problem(f'queue {queue!r} is consumed by {len(regs_)} '
+                       'handlers:', indent='')
         for reg in regs_:
-            say(f'    {reg.name} ({reg.info or "registered in Python"})')
-    if problems:
-        say(f'{problems} problem(s).')
-        return EXIT_FAILURE
+            where = reg.info or 'registered in Python'
+            report.say(f'    {reg.name} ({where})')
+
+
+def exchanges_for(queues):
+    """{exchange: why the daemon needs it} for `queues`: amq.topic and
+    every queue's ``x-dead-letter-exchange`` (but the default one)."""
+    result = {TOPIC: 'the handler queues are bound to it'}
+    for queue in queues:
+        name = (queue.arguments or {}).get('x-dead-letter-exchange')
+        if name and name not in result:
+            result[name] = (f'the x-dead-letter-exchange of queue '
+                            f'{queue.name!r}')
+    return result
+
+
+def compare_with_broker(config, report):
+    """Compare the queues the daemon would declare (handlers' queues and
+    the retry policy's auxiliary queues) and the exchanges they need with
+    the broker."""
     parameters = gocept.amqprun.config.parameters_from(config)
-    # The queues exactly as the daemon would declare them (handlers'
-    # queues and the retry policy's auxiliary queues).
+    handlers = gocept.amqprun.server.collect_handlers()
     queues = gocept.amqprun.topology.queues_for(
-        gocept.amqprun.server.collect_handlers().values(),
-        config.retry_policy)
-    if not connect:
-        say('Broker not contacted (--no-connect).')
-        say('OK.')
-        return EXIT_OK
-    say(f'Broker: {parameters.describe()}')
+        handlers.values(), config.retry_policy)
+    exchanges = exchanges_for(queues)
+    report.say(f'Broker: {parameters.describe()}')
     # pika logs connection failures with tracebacks; the check reports.
     pika_log = logging.getLogger('pika')
     level = pika_log.level
     pika_log.setLevel(logging.CRITICAL)
     try:
-        states = gocept.amqprun.inspection.inspect_queues(
-            parameters, queues)
+        states, exchange_problems = gocept.amqprun.inspection.inspect(
+            parameters, queues, exchanges)
     except gocept.amqprun.errors.ConnectionFailed as e:
-        say(f'ERROR: {e}')
-        return EXIT_FAILURE
+        report.problem(str(e), indent='')
+        return
     finally:
         pika_log.setLevel(level)
-    for state in states:
-        name = state.queue.name
-        if state.status == 'ok':
-            say(f'  {name}: ok ({state.messages} message(s), '
-                f'{state.consumers} consumer(s))')
-        elif state.status == 'missing':
-            problems += 1
-            say(f'  ERROR: {name}: missing on the broker (the daemon '
-                'would create it)')
+    for name, why in exchanges.items():
+        if exchange_problems[name] is None:
+            report.say(f'  exchange {name}: ok')
         else:
-            problems += 1
-            say(f'  ERROR: {name}: differs from the declaration with '
-                f'arguments {state.queue.arguments or {}}: {state.detail}')
-    if problems:
-        say(f'{problems} problem(s).')
-        return EXIT_FAILURE
-    say('OK.')
-    return EXIT_OK
+            report.problem(
+                f'exchange {name!r} {exchange_problems[name]} ({why})')
+    parked = {gocept.amqprun.retry.parked_queue(name) for name in handlers}
+    for state in states:
+        report_queue(state, state.queue.name in parked, report)
+
+
+def report_queue(state, parked, report):
+    """Say what `state` (an inspection.QueueState) means; `parked`: it
+    is a queue of parked messages."""
+    name, queue = state.queue.name, state.queue
+    if state.status == 'missing':
+        bound = (f' and bound to {TOPIC} with '
+                 f'{", ".join(queue.routing_keys)}' if queue.routing_keys
+                 else '')
+        report.say(f'  {name}: will be created{bound} when the daemon '
+                   'starts')
+    elif state.status == 'different':
+        report.problem(f'{name}: differs from the declaration with '
+                       f'arguments {queue.arguments or {}}: {state.detail}')
+    else:
+        report.say(f'  {name}: ok ({state.messages} message(s), '
+                   f'{state.consumers} consumer(s))')
+        if parked and state.messages:
+            report.warning(f'{name}: {state.messages} parked message(s) '
+                           'wait (they failed for the last time; README, '
+                           '"Failed messages")')
+
+
+def check(config_file, connect=True, out=None):
+    """Run the check, printing to `out`; return the exit code."""
+    report = Report(out)
+    try:
+        config = gocept.amqprun.config.load(config_file)
+    except gocept.amqprun.config.ConfigError as e:
+        report.say(f'ERROR: {e}')
+        return EXIT_CONFIG
+    regs = registrations()
+    describe(config, config_file, regs, report)
+    report_duplicates(regs, report)
+    if report.problems:
+        return report.result()
+    if connect:
+        compare_with_broker(config, report)
+    else:
+        report.say('Broker not contacted (--no-connect).')
+    return report.result()
 
 
 HELP = 'list the handlers of CONFIG, compare their queues with the broker'
 DESCRIPTION = ('Load CONFIG and its ZCML, list the handlers and compare '
-               'their queues with the broker. Changes nothing.')
-EPILOG = ('exit codes: 0 everything agrees, 1 problems found or the '
-          'broker unreachable, 2 the configuration or the command line is '
-          'wrong')
+               'their queues and exchanges with the broker. Queues that do '
+               'not exist yet are created by the daemon when it starts. '
+               'Changes nothing.')
+EPILOG = ('exit codes: 0 nothing wrong (warnings, e.g. parked messages, '
+          'allowed), 1 problems found or the broker unreachable, 2 the '
+          'configuration or the command line is wrong')
 
 
 def add_arguments(parser, config_file=None):

@@ -30,6 +30,8 @@ import gocept.amqprun.errors
 COMMANDS = {
     'check': 'gocept.amqprun.check',
     'parked': 'gocept.amqprun.parkedcli',
+    'ready': 'gocept.amqprun.ready',
+    'init': 'gocept.amqprun.init',
 }
 # Other spellings of a subcommand (``server --check CONFIG``).
 ALIASES = {'--check': 'check'}

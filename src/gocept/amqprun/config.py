@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import re
+import sys
 
 import ZConfig
 import zope.component
@@ -295,4 +296,16 @@ def load_components(config):
     try:
         zope.configuration.xmlconfig.file(zcml)
     except zope.configuration.config.ConfigurationError as e:
-        raise ConfigError(f'{zcml}: {e}') from None
+        raise ConfigError(f'{zcml}: {e}{import_hint(e)}') from None
+
+
+def import_hint(error):
+    """What to do about a ZCML `error` that is a module not found, or
+    ''."""
+    if 'No module named' not in str(error):
+        return ''
+    return ('\n    (The handler modules must be importable by '
+            f'{sys.executable}: install their package into its '
+            'environment, e.g. pip install -e . in the project, or put '
+            'their directory on PYTHONPATH; README.txt, "Writing '
+            'handlers".)')

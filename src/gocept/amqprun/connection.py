@@ -33,6 +33,7 @@ from pika.adapters.select_connection import IOLoop
 from gocept.amqprun.channel import Slot
 from gocept.amqprun.errors import ConnectionFailed
 from gocept.amqprun.errors import ConnectionUnavailable
+from gocept.amqprun.errors import Refused
 from gocept.amqprun.errors import reason
 from gocept.amqprun.parameters import Parameters  # noqa: F401 (0.x API)
 from gocept.amqprun.parameters import safe_url
@@ -92,7 +93,7 @@ class Connection:
         self._topology = gocept.amqprun.declaration.Topology(
             self.queues, self.open_channel, self.call_later,
             parameters.backoff, self._declared,
-            lambda why: self._fatal(ConnectionFailed(why)))
+            self._fatal)
         self._attempt = 0
         # Several processes with the same addresses spread over them.
         self._start = random.randrange(
@@ -222,7 +223,9 @@ class Connection:
 
         Raises ConnectionFailed when no connection could be made at start-up
         within the configured attempts, or when the broker refuses the
-        topology (e.g. a queue redeclared with other arguments).
+        topology at start-up; its subclass `errors.Refused` when the
+        refusal will not pass by itself (credentials, virtual host, a
+        queue redeclared with other arguments).
         """
         self._stopped.clear()
         if self._closing:       # close() came first
@@ -302,7 +305,7 @@ class Connection:
             return
         if not self._ever_connected and (
                 fatal or self._attempt >= attempts):
-            self._fatal(ConnectionFailed(
+            self._fatal((Refused if fatal else ConnectionFailed)(
                 f'Cannot connect to {self.parameters.describe()} '
                 f'(after {self._attempt} attempt(s)): {why}'))
             return

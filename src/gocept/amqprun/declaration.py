@@ -13,6 +13,7 @@ import functools
 import logging
 
 from gocept.amqprun.errors import reason
+from gocept.amqprun.errors import refusal
 
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,9 @@ class Declaration:
     amq.topic with its routing keys, on channels from `open_channel`
     (a function taking the on-open callback); then call
     `on_done(declared, refused)` -- the declared queues in order, and
-    {queue: why} for the refused ones. Nothing is called when the
-    connection goes meanwhile (`cancel` stops it explicitly)."""
+    {queue: error} for the refused ones (`errors.refusal`: its message
+    says why). Nothing is called when the connection goes meanwhile
+    (`cancel` stops it explicitly)."""
 
     def __init__(self, open_channel, queues, on_done):
         self.open_channel = open_channel
@@ -94,8 +96,8 @@ class Declaration:
             return      # closed by us, after the last step
         if not getattr(channel.connection, 'is_open', False):
             return      # the connection went: nothing to report
-        self.refused[self._queue] = (
-            f'The broker refused {self._current}: {reason(why)}')
+        self.refused[self._queue] = refusal(
+            why, f'The broker refused {self._current}: {reason(why)}')
         self._steps = []
         self._current = None
         self._next_channel()
@@ -109,7 +111,8 @@ class Declaration:
 class Topology:
     """The queues of a connection, declared on each new connection.
 
-    A refusal at start-up is a configuration error: `on_fatal(error)`.
+    A refusal at start-up is a configuration error: `on_fatal(error)`
+    (the `errors.refusal` of the first refused queue).
     Later (a cluster node down) the refused queues are declared again
     after `backoff(attempt)` seconds (`call_later(delay, function)`) while
     the others are consumed. `on_declared(added, first)` gets the queues

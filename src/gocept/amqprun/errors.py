@@ -26,6 +26,29 @@ class ConnectionFailed(AMQPError):
     vhost, or a queue it refuses to declare); the process must stop."""
 
 
+class Refused(ConnectionFailed):
+    """The broker refuses what the configuration asks for at start-up:
+    the credentials, the virtual host, a queue's arguments (406) or the
+    permission to declare it (403). Starting again does not help until the
+    configuration or the broker changes: the daemon exits with
+    EXIT_CONFIG, which supervisors do not restart on."""
+
+
+# The reply codes of a refused declaration that stay until somebody
+# changes the configuration or the broker: 403 ACCESS_REFUSED, 406
+# PRECONDITION_FAILED (other arguments). 404 (a classic queue whose home
+# node is down) and 405 (locked by another connection) may pass.
+PERMANENT_REFUSALS = (403, 406)
+
+
+def refusal(why, text):
+    """The error for a declaration the broker refused (`why`, the close
+    reason): `Refused` when it will not pass by itself, else
+    ConnectionFailed; `text` is its message."""
+    permanent = getattr(why, 'reply_code', None) in PERMANENT_REFUSALS
+    return (Refused if permanent else ConnectionFailed)(text)
+
+
 class ChannelLost(AMQPError):
     """The channel of a delivery or of a commit went away before the
     commit was confirmed. The broker has rolled the transaction back (and

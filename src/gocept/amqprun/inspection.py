@@ -1,5 +1,6 @@
-"""Comparing declared queues with the broker's (for the check command);
-the blocking connection of tools."""
+"""Comparing what the daemon declares with the broker (for the check
+command): queues and the exchanges they depend on; the blocking
+connection of tools."""
 
 import pika
 import pika.exceptions
@@ -11,9 +12,9 @@ from gocept.amqprun.errors import reason
 class QueueState:
     """What the broker says about a declared `topology.Queue`.
 
-    status: 'ok', 'missing' (no such queue) or 'different' (it exists,
-        but a declaration with our arguments is refused; `detail` has
-        the broker's reason).
+    status: 'ok', 'missing' (no such queue: the daemon creates it) or
+        'different' (it exists, but a declaration with our arguments is
+        refused; `detail` has the broker's reason).
     messages, consumers: counts while the queue exists, else None.
     """
 
@@ -44,43 +45,25 @@ def connect(parameters):
             f'Cannot connect to {parameters.describe()}: {why}') from None
 
 
-def inspect_queues(parameters, queues):
-    """Compare `queues` with the broker's live queues, changing nothing.
+def inspect(parameters, queues, exchanges=()):
+    """Compare `queues` (`topology.Queue`) with the broker's live queues
+    and tell which of `exchanges` (names) exist, changing nothing.
 
-    A passive declare tells whether a queue exists. An existing one is then
-    declared with our durability and arguments: the broker accepts that
-    without change when they are equal and refuses it (406
-    PRECONDITION_FAILED) when they differ. Bindings cannot be inspected
-    over AMQP and are not compared. Blocking, on a short-lived connection
-    of its own (not the daemon's IO thread). Returns a QueueState per
-    queue; raises ConnectionFailed.
+    A passive declare tells whether a queue or an exchange exists. An
+    existing queue is then declared with our durability and arguments:
+    the broker accepts that without change when they are equal and
+    refuses it (406 PRECONDITION_FAILED) when they differ. Bindings
+    cannot be inspected over AMQP and are not compared. Blocking, on a
+    short-lived connection of its own (not the daemon's IO thread).
+    Returns ([QueueState per queue], {exchange: problem}), a problem
+    being None when the exchange exists; raises ConnectionFailed.
     """
     connection = connect(parameters)
-    result = []
     try:
-        channel = connection.channel()
-        for queue in queues:
-            try:
-                ok = channel.queue_declare(queue.name, passive=True)
-            except pika.exceptions.ChannelClosedByBroker as e:
-                channel = connection.channel()
-                if e.reply_code != 404:
-                    result.append(QueueState(queue, 'different', reason(e)))
-                else:
-                    result.append(QueueState(queue, 'missing'))
-                continue
-            try:
-                channel.queue_declare(queue.name, durable=True,
-                                      arguments=queue.arguments)
-            except pika.exceptions.ChannelClosedByBroker as e:
-                channel = connection.channel()
-                result.append(QueueState(
-                    queue, 'different', reason(e),
-                    ok.method.message_count, ok.method.consumer_count))
-                continue
-            result.append(QueueState(
-                queue, 'ok', None, ok.method.message_count,
-                ok.method.consumer_count))
+        channels = _Channels(connection)
+        states = [_queue_state(channels, queue) for queue in queues]
+        exchange_problems = {name: _exchange_problem(channels, name)
+                             for name in exchanges}
     except pika.exceptions.AMQPError as e:
         raise ConnectionFailed(
             f'Lost the connection to {parameters.describe()}: '
@@ -88,4 +71,54 @@ def inspect_queues(parameters, queues):
     finally:
         if connection.is_open:
             connection.close()
-    return result
+    return states, exchange_problems
+
+
+def inspect_queues(parameters, queues):
+    """The QueueState of each of `queues` (see `inspect`)."""
+    return inspect(parameters, queues)[0]
+
+
+class _Channels:
+    """A channel of `connection`, replaced after the broker closed it
+    (it does so to answer a refused or passive declaration)."""
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.channel = connection.channel()
+
+    def call(self, method, *args, **kw):
+        """`method` of the channel; a ChannelClosedByBroker it raises
+        leaves a fresh channel behind."""
+        try:
+            return getattr(self.channel, method)(*args, **kw)
+        except pika.exceptions.ChannelClosedByBroker:
+            self.channel = self.connection.channel()
+            raise
+
+
+def _queue_state(channels, queue):
+    try:
+        ok = channels.call('queue_declare', queue.name, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as e:
+        if e.reply_code != 404:
+            return QueueState(queue, 'different', reason(e))
+        return QueueState(queue, 'missing')
+    messages, consumers = ok.method.message_count, ok.method.consumer_count
+    try:
+        channels.call('queue_declare', queue.name, durable=True,
+                      arguments=queue.arguments)
+    except pika.exceptions.ChannelClosedByBroker as e:
+        return QueueState(queue, 'different', reason(e), messages,
+                          consumers)
+    return QueueState(queue, 'ok', None, messages, consumers)
+
+
+def _exchange_problem(channels, name):
+    try:
+        channels.call('exchange_declare', name, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as e:
+        if e.reply_code == 404:
+            return 'does not exist'
+        return f'cannot be inspected: {reason(e)}'
+    return None

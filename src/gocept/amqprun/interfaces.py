@@ -13,7 +13,8 @@ import zope.interface.common.mapping
 # process supervisors (zdaemon, systemd): restart after 1, not after 0 or 2.
 EXIT_OK = 0
 EXIT_FAILURE = 1     # a failure at run time, SIGUSR1, or problems found
-EXIT_CONFIG = 2      # the configuration or the command line is wrong
+EXIT_CONFIG = 2      # the configuration or the command line is wrong, or
+                     # the broker refused it at start-up (errors.Refused)
 
 
 class IMessage(zope.interface.Interface):

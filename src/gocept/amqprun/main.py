@@ -7,6 +7,8 @@
                                        ``server --check CONFIG`` too)
     server parked ACTION ... CONFIG    list, show, replay or drop parked
                                        messages (`parkedcli`)
+    server ready [--wait S] CONFIG     does the daemon consume? (`ready`)
+    server init DIR                    a new project (`init`)
     server --help | --version
 
 The subcommands are modules of their own, listed in `cli.COMMANDS`;
@@ -14,7 +16,8 @@ this module runs the daemon.
 
 The exit codes (`interfaces`) are the contract with supervisors: 0 after
 SIGTERM/SIGINT, 1 after SIGUSR1 or a failure (restart), 2 when the
-configuration or the command line is wrong (do not restart).
+configuration or the command line is wrong or the broker refused it at
+start-up (do not restart).
 """
 
 import argparse
@@ -52,10 +55,12 @@ until SIGTERM or SIGINT (stop) or SIGUSR1 (stop, exit 1: restart).'''
 
 EPILOG = '''\
 exit codes:
-  0  stopped by SIGTERM or SIGINT (check: everything agrees)
-  1  stopped by SIGUSR1, the broker unusable at start-up, or a fatal
-     error at run time (check: problems found)
-  2  the configuration or the command line is wrong
+  0  stopped by SIGTERM or SIGINT (check: nothing wrong)
+  1  stopped by SIGUSR1, the broker unreachable at start-up, or a fatal
+     error at run time: restart (check: problems found)
+  2  the configuration or the command line is wrong, or the broker
+     refused it at start-up (credentials, virtual host, a queue's
+     arguments): do not restart
 
 See README.txt, "Running the daemon".'''
 
@@ -194,7 +199,9 @@ class Signalled:
 
 
 class Failed:
-    """`Server.start` raised `error`."""
+    """`Server.start` raised `error`: exit 1 (a supervisor restarts), or
+    2 when the broker refused the configuration (`errors.Refused`:
+    starting again does not help)."""
 
     def __init__(self, error):
         self.error = error
@@ -203,6 +210,8 @@ class Failed:
         log.error('Stopping after a fatal error: %s', self.error)
         if not daemon.started:
             report(self.error, logged=True)
+        if isinstance(self.error, gocept.amqprun.errors.Refused):
+            return EXIT_CONFIG
         return EXIT_FAILURE
 
 

@@ -41,23 +41,32 @@ class OutboxUnavailable(Exception):
     cannot be created)."""
 
 
+def duplicate_queues(named_handlers):
+    """{queue name: [names]} of the queues that more than one of
+    `named_handlers` ((name, IHandler) pairs) consume, names in the
+    order given. The daemon refuses them (`collect_handlers`), the check
+    command lists them all."""
+    names = {}
+    for name, handler in named_handlers:
+        names.setdefault(handler.queue_name, []).append(name)
+    return {queue: found for queue, found in names.items()
+            if len(found) > 1}
+
+
 def collect_handlers():
     """The registered IHandler utilities by queue name.
 
-    Raises DuplicateQueueError naming the queue and both handlers.
+    Raises DuplicateQueueError naming the queue and its handlers.
     """
-    handlers = {}
-    names = {}
-    for name, handler in sorted(zope.component.getUtilitiesFor(
-            gocept.amqprun.interfaces.IHandler)):
-        queue = handler.queue_name
-        if queue in handlers:
-            raise DuplicateQueueError(
-                f'Queue {queue!r} is consumed by two handlers: '
-                f'{names[queue]!r} and {name!r}.')
-        handlers[queue] = handler
-        names[queue] = name
-    return handlers
+    named = sorted(zope.component.getUtilitiesFor(
+        gocept.amqprun.interfaces.IHandler))
+    duplicates = duplicate_queues(named)
+    if duplicates:
+        queue, names = next(iter(duplicates.items()))
+        raise DuplicateQueueError(
+            f'Queue {queue!r} is consumed by {len(names)} handlers: '
+            f'{" and ".join(map(repr, names))}.')
+    return {handler.queue_name: handler for name, handler in named}
 
 
 @zope.interface.implementer(

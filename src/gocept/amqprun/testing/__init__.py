@@ -9,7 +9,8 @@ Every public name of the modules of this package is importable from here:
 
 - `broker`: the broker of the test run (the environment's, or a private
   RabbitMQ node started on a free port): `environment_parameters`,
-  `ensure_broker`, `PrivateBroker`, `free_port`, `port_open`;
+  `ensure_broker`, `PrivateBroker`, `free_port`, `port_open`,
+  `Unavailable`;
 - `client`: `Client`, a plain AMQP client for tests;
 - `cluster`: `PrivateCluster`, a private N-node RabbitMQ cluster;
 - `database`: the PostgreSQL database of the test run (the environment's,
@@ -24,9 +25,14 @@ Every public name of the modules of this package is importable from here:
 - `offline`: `call_handler` and `FakeSession`, without a broker;
 - `wait`: `wait_for`, polling instead of sleeping;
 - `plugin`: the pytest fixtures and `unique_name`.
+
+Only `plugin` needs pytest: without it (``pip install gocept.amqprun``
+without the ``test`` extra) everything else is importable from here, e.g.
+`Client` and `environment_parameters` to send a message to a daemon.
 """
 
 from gocept.amqprun.testing.broker import PrivateBroker
+from gocept.amqprun.testing.broker import Unavailable
 from gocept.amqprun.testing.broker import ensure_broker
 from gocept.amqprun.testing.broker import environment_parameters
 from gocept.amqprun.testing.broker import free_port
@@ -57,33 +63,43 @@ from gocept.amqprun.testing.frames import TX_SELECT
 from gocept.amqprun.testing.frames import TX_SELECT_OK
 from gocept.amqprun.testing.offline import FakeSession
 from gocept.amqprun.testing.offline import call_handler
-from gocept.amqprun.testing.plugin import amqp_client
-from gocept.amqprun.testing.plugin import amqp_parameters
-from gocept.amqprun.testing.plugin import database_url
-from gocept.amqprun.testing.plugin import name_prefix
-from gocept.amqprun.testing.plugin import rabbitmq_cluster
-from gocept.amqprun.testing.plugin import server_process
-from gocept.amqprun.testing.plugin import sql_engine
-from gocept.amqprun.testing.plugin import unique_name
-from gocept.amqprun.testing.plugin import zca
 from gocept.amqprun.testing.process import ServerProcess
 from gocept.amqprun.testing.process import ServerThread
 from gocept.amqprun.testing.proxy import AMQPProxy
 from gocept.amqprun.testing.proxy import Proxy
 from gocept.amqprun.testing.wait import wait_for
 
+try:
+    import pytest  # noqa: F401 (the fixtures need it, nothing else does)
+except ImportError:
+    pytest = None
+else:
+    from gocept.amqprun.testing.plugin import amqp_client
+    from gocept.amqprun.testing.plugin import amqp_parameters
+    from gocept.amqprun.testing.plugin import database_url
+    from gocept.amqprun.testing.plugin import name_prefix
+    from gocept.amqprun.testing.plugin import rabbitmq_cluster
+    from gocept.amqprun.testing.plugin import server_process
+    from gocept.amqprun.testing.plugin import sql_engine
+    from gocept.amqprun.testing.plugin import unique_name
+    from gocept.amqprun.testing.plugin import zca
+
 
 __all__ = [
-    'AMQPProxy', 'BASIC_ACK', 'BASIC_DELIVER', 'BASIC_GET_OK',
-    'BASIC_NACK', 'BASIC_PUBLISH', 'BASIC_REJECT', 'CONFIRM_SELECT',
-    'CONFIRM_SELECT_OK', 'Client', 'FakeSession', 'FrameReader',
-    'PrivateBroker', 'PrivateCluster', 'PrivateDatabase', 'Proxy',
-    'Received', 'Rule', 'ServerProcess', 'ServerThread', 'TO_BROKER',
-    'TO_CLIENT', 'TX_COMMIT', 'TX_COMMIT_OK', 'TX_ROLLBACK',
-    'TX_ROLLBACK_OK', 'TX_SELECT', 'TX_SELECT_OK', 'amqp_client',
-    'amqp_parameters', 'call_handler', 'database_url', 'ensure_broker',
-    'ensure_database', 'environment_database_url',
-    'environment_parameters', 'free_port', 'name_prefix', 'port_open',
-    'rabbitmq_cluster', 'server_process', 'sql_engine', 'unique_name',
-    'wait_for', 'zca',
+    'AMQPProxy', 'BASIC_ACK', 'BASIC_DELIVER', 'BASIC_GET_OK', 'BASIC_NACK',
+    'BASIC_PUBLISH', 'BASIC_REJECT', 'CONFIRM_SELECT', 'CONFIRM_SELECT_OK',
+    'Client', 'FakeSession', 'FrameReader', 'PrivateBroker', 'PrivateCluster',
+    'PrivateDatabase', 'Proxy', 'Received', 'Rule', 'ServerProcess',
+    'ServerThread', 'TO_BROKER', 'TO_CLIENT', 'TX_COMMIT', 'TX_COMMIT_OK',
+    'TX_ROLLBACK', 'TX_ROLLBACK_OK', 'TX_SELECT', 'TX_SELECT_OK',
+    'Unavailable', 'call_handler', 'ensure_broker', 'ensure_database',
+    'environment_database_url', 'environment_parameters', 'free_port',
+    'port_open', 'wait_for',
 ]
+if pytest is not None:
+    __all__ += [
+        'amqp_client', 'amqp_parameters', 'database_url', 'name_prefix',
+        'rabbitmq_cluster', 'server_process', 'sql_engine', 'unique_name',
+        'zca',
+    ]
+del pytest

@@ -14,9 +14,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
-
-import pytest
 
 import gocept.amqprun.parameters
 from gocept.amqprun.testing.wait import wait_for
@@ -230,6 +229,21 @@ def environment_parameters(**kw):
     return gocept.amqprun.parameters.Parameters(**values)
 
 
+class Unavailable(RuntimeError):
+    """A service the helpers need (broker, database) is not there, and
+    none can be started (outside pytest; in a test, `unavailable`
+    skips it)."""
+
+
+def unavailable(why):
+    """Skip the running test because of `why`; outside pytest (which
+    these helpers do not need) raise Unavailable."""
+    pytest = sys.modules.get('pytest')
+    if pytest is None:
+        raise Unavailable(why)
+    pytest.skip(why)
+
+
 _broker = None
 
 
@@ -242,8 +256,8 @@ def ensure_broker():
         return params
     if _broker is None:
         if not PrivateBroker.available():
-            pytest.skip(f'no broker at {params.hostname}:{params.port} and '
-                        'no rabbitmq-server to start one')
+            unavailable(f'no broker at {params.hostname}:{params.port} '
+                        'and no rabbitmq-server to start one')
         _broker = PrivateBroker()
         _broker.start()
     os.environ['AMQP_HOSTNAME'] = '127.0.0.1'

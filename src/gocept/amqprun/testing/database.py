@@ -19,10 +19,9 @@ import signal
 import subprocess
 import tempfile
 
-import pytest
-
 from gocept.amqprun.testing.broker import free_port
 from gocept.amqprun.testing.broker import port_open
+from gocept.amqprun.testing.broker import unavailable
 from gocept.amqprun.testing.wait import wait_for
 
 
@@ -235,7 +234,7 @@ def ensure_database():
     if answers(url):
         return url
     if not PrivateDatabase.available():
-        pytest.skip(f'no PostgreSQL answers at {url} and no PostgreSQL '
+        unavailable(f'no PostgreSQL answers at {url} and no PostgreSQL '
                     'server binaries (Debian: postgresql) to start one')
     database = PrivateDatabase()
     try:

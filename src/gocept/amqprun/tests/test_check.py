@@ -33,10 +33,11 @@ def configure(tmp_path, amqp_parameters, zca, monkeypatch):
     monkeypatch.delitem(sys.modules, 'handlers', raising=False)
     made = []
 
-    def factory(prefix, zcml, parameters=amqp_parameters, **kw):
+    def factory(prefix, zcml, parameters=amqp_parameters, handlers=HANDLERS,
+                **kw):
         directory = tmp_path / f'conf{len(made)}'
         process = gocept.amqprun.testing.ServerProcess(
-            directory, parameters, handlers=HANDLERS.format(p=prefix),
+            directory, parameters, handlers=handlers.format(p=prefix),
             zcml=zcml, **kw)
         monkeypatch.syspath_prepend(str(directory))
         made.append(process)
@@ -54,22 +55,26 @@ FIRST = '<utility component="handlers.first" name="first" />'
 SECOND = '<utility component="handlers.second" name="second" />'
 
 
-def test_lists_handlers_and_reports_missing_queues(
+def test_before_the_first_start_lists_queues_that_will_be_created(
         configure, capsys, amqp_client, name_prefix):
     config = configure(name_prefix, FIRST)
     code, out = run_check(capsys, config)
-    assert code == 1
+    assert code == 0, out
     assert 'first\n' in out
     assert 'server.zcml", line 4' in out
     assert f'queue: {name_prefix}.in' in out
     assert f'routing keys: {name_prefix}.a, {name_prefix}.b' in out
     assert "arguments: {'x-max-length': 10}" in out
     assert 'principal: alice' in out
-    assert f'ERROR: {name_prefix}.in: missing on the broker' in out
-    assert f'ERROR: {name_prefix}.in.retry: missing' in out
-    assert f'ERROR: {name_prefix}.in.parked: missing' in out
-    assert f'ERROR: {name_prefix}.in.quarantine: missing' in out
-    assert '4 problem(s).' in out
+    assert '  exchange amq.topic: ok\n' in out
+    assert (f'  {name_prefix}.in: will be created and bound to amq.topic '
+            f'with {name_prefix}.a, {name_prefix}.b when the daemon '
+            'starts\n') in out
+    for suffix in ('retry', 'parked', 'quarantine'):
+        assert (f'  {name_prefix}.in.{suffix}: will be created when the '
+                'daemon starts\n') in out
+    assert 'ERROR' not in out and 'WARNING' not in out
+    assert out.endswith('OK.\n')
     # Passive: the check created nothing.
     assert not amqp_client.exists(f'{name_prefix}.in')
     assert not amqp_client.exists(f'{name_prefix}.in.retry')
@@ -88,6 +93,7 @@ def test_agrees_with_what_the_daemon_declared(
     assert out.endswith('OK.\n'), out
     assert code == 0
     assert f'{name_prefix}.in: ok (0 message(s), 0 consumer(s))' in out
+    assert 'will be created' not in out
 
 
 def test_reports_different_arguments_without_changing_the_queue(
@@ -147,6 +153,7 @@ def test_unreachable_broker_is_a_problem(configure, capsys, name_prefix):
     code, out = run_check(capsys, config)
     assert code == 1
     assert 'ERROR: Cannot connect to amqp://guest@127.0.0.1:' in out
+    assert out.endswith('1 problem(s).\n')
 
 
 def test_usage_error(capsys):
@@ -179,3 +186,44 @@ def test_names_the_monitor_and_suggests_known_keys(
     code, out = run_check(capsys, config, '--no-connect')
     assert code == 2
     assert "'adress' is not a known key name; did you mean address?" in out
+
+
+def test_parked_messages_are_a_warning(
+        configure, capsys, amqp_client, name_prefix):
+    config = configure(name_prefix, FIRST)
+    parked = amqp_client.declare(f'{name_prefix}.in.parked')
+    for body in (b'1', b'2'):
+        amqp_client.channel.basic_publish('', parked, body)
+    gocept.amqprun.testing.wait_for(lambda: amqp_client.count(parked) == 2)
+    code, out = run_check(capsys, config)
+    assert code == 0, out
+    assert (f'  WARNING: {name_prefix}.in.parked: 2 parked message(s) '
+            'wait') in out
+    assert out.endswith('1 warning(s).\nOK.\n')
+
+
+DEAD_LETTERING = """\
+    import gocept.amqprun.handler
+
+    @gocept.amqprun.handler.declare('{p}.dl', '{p}.dl', arguments={{
+        'x-dead-letter-exchange': '{p}.dlx'}})
+    def first(message):
+        return []
+"""
+
+
+def test_missing_dead_letter_exchange_is_a_problem(
+        configure, capsys, amqp_client, name_prefix):
+    config = configure(name_prefix, FIRST, handlers=DEAD_LETTERING)
+    code, out = run_check(capsys, config)
+    assert code == 1, out
+    assert (f"  ERROR: exchange '{name_prefix}.dlx' does not exist (the "
+            f"x-dead-letter-exchange of queue '{name_prefix}.dl')\n") in out
+    assert '  exchange amq.topic: ok\n' in out
+    amqp_client.channel.exchange_declare(f'{name_prefix}.dlx', 'fanout')
+    try:
+        code, out = run_check(capsys, config)
+        assert code == 0, out
+        assert f'  exchange {name_prefix}.dlx: ok\n' in out
+    finally:
+        amqp_client.channel.exchange_delete(f'{name_prefix}.dlx')

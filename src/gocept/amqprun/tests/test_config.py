@@ -3,6 +3,7 @@
 import inspect
 import pathlib
 import re
+import sys
 
 import pytest
 
@@ -208,3 +209,23 @@ def test_prefetch_of_worker_wins(tmp_path):
     config = load(tmp_path, server='  hostname h\n  prefetch 5\n',
                   worker='  prefetch 7\n')
     assert config.prefetch == 7
+
+
+@pytest.mark.parametrize('component, hinted', [
+    ('nosuchapp.handlers.answer', True),    # the package is not installed
+    ('gocept.amqprun.handler.nonesuch', False),     # a wrong name
+])
+def test_missing_handler_module_says_how_to_make_it_importable(
+        tmp_path, zca, component, hinted):
+    config = load(tmp_path)
+    (tmp_path / 'server.zcml').write_text(
+        '<configure xmlns="http://namespaces.zope.org/zope">\n'
+        '  <include package="gocept.amqprun" />\n'
+        f'  <utility component="{component}" name="x" />\n</configure>\n')
+    with pytest.raises(gocept.amqprun.config.ConfigError) as e:
+        gocept.amqprun.config.load_components(config)
+    message = str(e.value)
+    assert message.startswith(f'{tmp_path}/server.zcml: ')
+    hint = ('(The handler modules must be importable by '
+            f'{sys.executable}: install their package')
+    assert (hint in message) is hinted

@@ -20,7 +20,8 @@ def test_wrong_credentials_fail_with_clear_error(amqp_parameters):
                         port=amqp_parameters.port, username='nobody',
                         password='wrong-secret', connection_attempts=5)
     connection = gocept.amqprun.connection.Connection(params)
-    with pytest.raises(gocept.amqprun.errors.ConnectionFailed,
+    # Refused (a ConnectionFailed): the daemon exits 2, not restarted.
+    with pytest.raises(gocept.amqprun.errors.Refused,
                        match='refused the credentials') as info:
         connection.run()
     assert 'after 1 attempt(s)' in str(info.value)
@@ -32,7 +33,7 @@ def test_unknown_vhost_fails_with_clear_error(amqp_parameters):
                         port=amqp_parameters.port,
                         virtual_host='no-such-vhost')
     connection = gocept.amqprun.connection.Connection(params)
-    with pytest.raises(gocept.amqprun.errors.ConnectionFailed,
+    with pytest.raises(gocept.amqprun.errors.Refused,
                        match='virtual host'):
         connection.run()
 

@@ -417,7 +417,7 @@ def test_wrong_credentials_exit_with_a_clear_error(echo, amqp_parameters):
     code, elapsed, text = failed_start(
         echo, gocept.amqprun.testing.environment_parameters(
             password=SECRET))
-    assert code == 1
+    assert code == 2   # refused: restarting does not help
     assert 'refused the credentials' in text
     assert elapsed < 20
 
@@ -428,7 +428,7 @@ def test_wrong_password_in_url_is_not_logged(echo, amqp_parameters):
     code, elapsed, text = failed_start(
         echo, amqp_parameters,
         server_extra=f'  url amqp://guest:{SECRET}@{host}:{port}/%2F\n')
-    assert code == 1
+    assert code == 2   # refused: restarting does not help
     assert 'refused the credentials' in text
     assert elapsed < 20
 
@@ -437,7 +437,7 @@ def test_unknown_vhost_exits_with_a_clear_error(echo, amqp_parameters):
     code, elapsed, text = failed_start(
         echo, gocept.amqprun.testing.environment_parameters(
             virtual_host='no-such-vhost-amqprun', password='guest'))
-    assert code == 1
+    assert code == 2   # refused: restarting does not help
     assert 'unknown virtual host' in text
     assert elapsed < 20
 

@@ -262,3 +262,13 @@ def test_connection_names_its_broker_and_since_when(run_server, zca):
     assert connection.address.startswith('amqp://guest@')
     assert ':guest@' not in connection.address
     assert before <= connection.connected_since <= time.time()
+
+
+def test_duplicate_queues_names_every_handler_of_a_queue():
+    def declared(queue):
+        return gocept.amqprun.handler.declare(queue, 'key')(lambda m: None)
+    named = [('a', declared('q1')), ('b', declared('q2')),
+             ('c', declared('q1')), ('d', declared('q1'))]
+    assert gocept.amqprun.server.duplicate_queues(named) == {
+        'q1': ['a', 'c', 'd']}
+    assert gocept.amqprun.server.duplicate_queues(named[:2]) == {}

@@ -1,5 +1,8 @@
 """The helpers gocept.amqprun.testing offers application developers."""
 
+import subprocess
+import sys
+
 import pytest
 import transaction
 import transaction.interfaces
@@ -167,3 +170,37 @@ def test_server_process_with_client(server_process, amqp_client, name_prefix):
     assert reply.body == b'HELLO'
     assert reply.header.correlation_id == message_id
     assert process.stop() == 0
+
+
+WITHOUT_PYTEST = '''
+import sys
+sys.modules['pytest'] = None          # as if pytest were not installed
+from gocept.amqprun.testing import Client, environment_parameters
+import gocept.amqprun.testing
+assert 'amqp_client' not in gocept.amqprun.testing.__all__
+client = Client(environment_parameters())
+queue = client.declare(sys.argv[1], [sys.argv[1]])
+client.send(sys.argv[1], b'hello')
+print(client.wait(queue).body)
+client.close()
+'''
+
+
+def test_helpers_work_without_pytest(amqp_parameters, name_prefix):
+    # README's Quick start snippet, where only `gocept.amqprun` is
+    # installed: the helpers import, only the fixtures need pytest.
+    result = subprocess.run(
+        [sys.executable, '-c', WITHOUT_PYTEST, name_prefix],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "b'hello'\n"
+
+
+def test_unavailable_service_outside_pytest_is_an_error():
+    result = subprocess.run(
+        [sys.executable, '-c', 'import sys; sys.modules["pytest"] = None\n'
+         'import gocept.amqprun.testing.broker as b\n'
+         'try:\n    b.unavailable("no broker here")\n'
+         'except b.Unavailable as e:\n    print("raised", e)\n'],
+        capture_output=True, text=True, timeout=60)
+    assert result.stdout == 'raised no broker here\n', result.stderr
