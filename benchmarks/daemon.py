@@ -152,6 +152,16 @@ class Daemon:
         """Wait until the daemon consumes (main() logged "Started.")."""
         return self.wait_for_log(STARTED)
 
+    def note(self, count):
+        """{'per_commit': messages per AMQP transaction} from the last
+        progress line of the log (logged at the stop), or {}."""
+        lines = [line for line in self.log.read_text().splitlines()
+                 if 'Progress: ' in line and 'AMQP transaction' in line]
+        if not lines:
+            return {}
+        transactions = int(lines[-1].rsplit('; ', 1)[1].split()[0])
+        return {'per_commit': count / transactions} if transactions else {}
+
     def stop(self, timeout=60):
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

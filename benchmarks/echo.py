@@ -69,8 +69,12 @@ def run_daemon(broker, args, meters, round_=0, confirm=False,
     if args.py_spy:
         spy = f'{args.py_spy}{"-confirm" if confirm else ""}-{round_ + 1}.txt'
     try:
-        return measure(daemon, workload, meters, Daemon.wait_started,
-                       py_spy=spy)
+        result = measure(daemon, workload, meters, Daemon.wait_started,
+                         py_spy=spy)
+        daemon.stop()
+        if not confirm:
+            result.update(daemon.note(workload.count))
+        return result
     finally:
         if daemon.process and daemon.process.poll() is None:
             daemon.stop()

@@ -153,6 +153,9 @@ class Transactions:
 
     def _committed(self, frame):
         group, self.in_flight = self.in_flight, []
+        stats = self.slot.connection.stats
+        if stats is not None:
+            stats.transaction()
         for commit in group:
             self.slot.committed(commit)
             commit.outcome.set_result(None)

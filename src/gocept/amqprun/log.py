@@ -169,5 +169,7 @@ class Progress:
             f'{totals[outcome]} {outcome}' for outcome in outcomes)
         elapsed = now - since
         rate = (handled - before) / elapsed if elapsed > 0 else 0.0
+        transactions = self.stats.snapshot()['transactions']
         return (f'Progress: {counts} since start; {rate:.2f} handled/s '
-                f'in the last {elapsed:.0f} s.')
+                f'in the last {elapsed:.0f} s; {transactions} AMQP '
+                'transaction(s).')

@@ -81,6 +81,11 @@ class Collector:
             'amqprun_reconnects', 'Connections re-established after a loss.',
             value=snapshot['reconnects'])
         yield core.CounterMetricFamily(
+            'amqprun_transactions', 'AMQP transactions the broker '
+            'committed; a group commit holds the commits of several '
+            'messages (handled / transactions is the mean group).',
+            value=snapshot['transactions'])
+        yield core.CounterMetricFamily(
             'amqprun_commits_in_doubt', 'Commits whose outcome is unknown '
             '(the connection died after Tx.Commit was sent).',
             value=snapshot['commits_in_doubt'])

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 # worker keep the commits of a channel grouping. Confirm mode does not
 # block a worker until its confirms are in either, and wants many
 # confirms in flight (README, Performance).
-DEFAULT_PREFETCH = 2
+DEFAULT_PREFETCH = 10
 DEFAULT_CONFIRM_PREFETCH = 100
 # Seconds stop() waits for the broker: to cancel the consumers, to answer
 # the commits in flight and to close the connection.
@@ -80,7 +80,7 @@ class Server:
         (False: only send).
     workers: the number of worker threads; each takes the oldest delivery
         there is (see `dispatch`).
-    prefetch: unacked deliveries per worker and queue (default 2, in
+    prefetch: unacked deliveries per worker and queue (default 10, in
         confirm mode 100).
     shutdown_timeout: seconds `stop()` waits for running handlers.
     retry_policy: what happens to failed messages (`retry.RetryPolicy`;

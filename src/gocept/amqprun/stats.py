@@ -57,6 +57,7 @@ class Stats:
         self._handler = collections.defaultdict(Histogram)  # queue ->
         self._commit = Histogram()
         self._in_doubt = 0
+        self._transactions = 0
         self._reconnects = 0
         self._in_flight = 0
 
@@ -72,6 +73,12 @@ class Stats:
             self._messages[queue, 'handled'] += 1
             if seconds is not None:
                 self._commit.observe(seconds)
+
+    def transaction(self):
+        """The broker committed an AMQP transaction (of one commit or a
+        group of them, see `commits`)."""
+        with self._lock:
+            self._transactions += 1
 
     def commit_in_doubt(self):
         with self._lock:
@@ -104,7 +111,7 @@ class Stats:
     def snapshot(self):
         """A consistent copy: a dict with messages {(queue, outcome): n},
         handler_seconds {queue: Histogram}, commit_seconds (Histogram),
-        commits_in_doubt, reconnects, in_flight."""
+        commits_in_doubt, transactions, reconnects, in_flight."""
         with self._lock:
             return dict(
                 messages=dict(self._messages),
@@ -112,6 +119,7 @@ class Stats:
                                  for q, h in self._handler.items()},
                 commit_seconds=self._commit.copy(),
                 commits_in_doubt=self._in_doubt,
+                transactions=self._transactions,
                 reconnects=self._reconnects,
                 in_flight=self._in_flight)
 

@@ -81,17 +81,19 @@ def test_progress_line_counts_since_start_and_rate_since_last_line():
     progress._last = (clock(), 0)
     for _ in range(120):
         stats.message('q', 'handled')
+    for _ in range(30):
+        stats.transaction()
     stats.message('q', 'retried')
     clock.now += 60
     assert progress.line() == (
         'Progress: 120 handled, 1 retried, 0 parked since start; '
-        '2.00 handled/s in the last 60 s.')
+        '2.00 handled/s in the last 60 s; 30 AMQP transaction(s).')
     stats.message('q', 'handled')
     stats.message('q', 'crash-looped')
     clock.now += 10
     assert progress.line() == (
         'Progress: 121 handled, 1 retried, 0 parked, 1 crash-looped since '
-        'start; 0.10 handled/s in the last 10 s.')
+        'start; 0.10 handled/s in the last 10 s; 30 AMQP transaction(s).')
 
 
 def test_progress_off_with_interval_0(caplog):

@@ -50,9 +50,24 @@ def test_embedded_server_has_the_daemons_default_prefetch(
     def prefetch(**kw):
         return gocept.amqprun.server.Server(
             amqp_parameters, **kw).connection.prefetch
-    assert prefetch() == 2
+    assert prefetch() == 10
     assert prefetch(confirm=True) == 100
     assert prefetch(confirm=True, prefetch=7) == 7
+
+
+def test_a_channel_takes_the_workers_share_of_each_queue(
+        amqp_parameters, zca, name_prefix):
+    register(zca, gocept.amqprun.handler.declare(
+        f'{name_prefix}.q', f'{name_prefix}.q')(lambda message: None))
+
+    def connection(**kw):
+        return gocept.amqprun.server.Server(
+            amqp_parameters, **kw).connection
+    default = connection(workers=8)
+    assert (len(default.consumer_slots), default.prefetch) == (1, 80)
+    two = connection(workers=8, channels=2, prefetch=3)
+    assert (len(two.consumer_slots), two.prefetch) == (2, 12)
+    assert len(connection(workers=2, channels=5).consumer_slots) == 2
 
 
 def test_handler_reply_and_ack_in_one_transaction(
