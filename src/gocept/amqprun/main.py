@@ -113,6 +113,7 @@ def serve(config_file):
             confirm=config.worker.commit_mode == 'confirm',
             on_ready=lambda: events.put(Ready()))
         monitor = make_monitor(server, config, config_file)
+        watchdog = make_watchdog(server, config)
     except (gocept.amqprun.config.ConfigError,
             gocept.amqprun.server.DuplicateQueueError, ValueError) as e:
         report(e)
@@ -125,7 +126,7 @@ def serve(config_file):
     progress = gocept.amqprun.log.Progress(
         server.stats, config.worker.progress_interval)
     try:
-        return run(server, events, monitor, progress)
+        return run(server, events, monitor, progress, watchdog)
     finally:
         logging.shutdown()
 
@@ -154,6 +155,16 @@ def make_monitor(server, config, config_file):
         if e.errno == errno.EADDRINUSE:
             raise MonitorUnavailable(problem) from None
         raise gocept.amqprun.config.ConfigError(problem) from None
+
+
+def make_watchdog(server, config):
+    """The `watchdog.Watchdog` of ``slow-handler-warning`` (not yet
+    started), or None when that is 0."""
+    interval = config.worker.slow_handler_warning
+    if not interval:
+        return None
+    import gocept.amqprun.watchdog
+    return gocept.amqprun.watchdog.Watchdog(server, interval)
 
 
 def report(error, logged=False):
@@ -218,11 +229,13 @@ class Daemon:
     server in a thread of its own, react to `events` until one ends it,
     shut down in order (see `run`)."""
 
-    def __init__(self, server, events, monitor=None, progress=None):
+    def __init__(self, server, events, monitor=None, progress=None,
+                 watchdog=None):
         self.server = server
         self.events = events
         self.monitor = monitor
         self.progress = progress
+        self.watchdog = watchdog
         self.started = False
         self.runner = threading.Thread(
             target=self._run_server, name='amqprun-io', daemon=True)
@@ -242,6 +255,8 @@ class Daemon:
                 Signalled(signum)))
         if self.monitor is not None:
             self.monitor.start()
+        if self.watchdog is not None:
+            self.watchdog.start()
         self.runner.start()
         code = None
         while code is None:
@@ -268,8 +283,9 @@ class Daemon:
 
     def shut_down(self, code, stop):
         """Notify ProcessStopping, stop the progress lines, the server
-        (if `stop`: else it has returned already) and the monitor, in
-        that order; return the exit code."""
+        (if `stop`: else it has returned already), the watchdog (which
+        reports handlers that hold up the stop) and the monitor, in that
+        order; return the exit code."""
         if self.monitor is not None:
             self.monitor.stopping = True
         if self.started:
@@ -284,17 +300,20 @@ class Daemon:
         if stop:
             self.server.stop()
         self.runner.join(self.server.shutdown_timeout)
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.monitor is not None:
             self.monitor.stop()
         return code
 
 
-def run(server, events, monitor=None, progress=None):
+def run(server, events, monitor=None, progress=None, watchdog=None):
     """Run `server` until a signal or a failure; return the exit code.
 
     `events` is the queue the server's on_ready callback puts `Ready`
     into. The `monitor` (a `monitor.Monitor`) answers from the start
     until the server stopped; `progress` (a `log.Progress`) logs from the
-    first time the server consumes until shutdown.
+    first time the server consumes until shutdown; `watchdog` (a
+    `watchdog.Watchdog`) watches the handlers from start to exit.
     """
-    return Daemon(server, events, monitor, progress).run()
+    return Daemon(server, events, monitor, progress, watchdog).run()
