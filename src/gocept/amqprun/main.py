@@ -145,7 +145,8 @@ def make_monitor(server, config, config_file):
     import gocept.amqprun.monitor   # prometheus_client only if needed
     host, port = config.monitor.address
     try:
-        return gocept.amqprun.monitor.Monitor(server, (host, port))
+        return gocept.amqprun.monitor.Monitor(
+            server, (host, port), token=config.monitor.token)
     except OSError as e:
         where = gocept.amqprun.config.where(
             config_file, gocept.amqprun.config.read_lines(config_file),
