@@ -29,6 +29,7 @@ import gocept.amqprun.errors
 # name -> module of the subcommand.
 COMMANDS = {
     'check': 'gocept.amqprun.check',
+    'parked': 'gocept.amqprun.parkedcli',
 }
 # Other spellings of a subcommand (``server --check CONFIG``).
 ALIASES = {'--check': 'check'}

@@ -1,4 +1,5 @@
-"""Comparing declared queues with the broker's (for the check command)."""
+"""Comparing declared queues with the broker's (for the check command);
+the blocking connection of tools."""
 
 import pika
 import pika.exceptions
@@ -28,6 +29,21 @@ class QueueState:
         return f'<QueueState {self.queue.name!r} {self.status}>'
 
 
+def connect(parameters):
+    """A pika BlockingConnection of its own to the broker of `parameters`
+    (a `parameters.Parameters`; its addresses are tried in turn), for
+    tools that run outside of the daemon's IO thread. Raises
+    ConnectionFailed with one line saying why."""
+    try:
+        return pika.BlockingConnection(parameters.pika_parameters())
+    except pika.exceptions.AMQPError as e:
+        why = reason(e)
+        if why == e.__class__.__name__ and e.args:
+            why = str(e.args[-1])  # pika's connection workflow error
+        raise ConnectionFailed(
+            f'Cannot connect to {parameters.describe()}: {why}') from None
+
+
 def inspect_queues(parameters, queues):
     """Compare `queues` with the broker's live queues, changing nothing.
 
@@ -39,14 +55,7 @@ def inspect_queues(parameters, queues):
     of its own (not the daemon's IO thread). Returns a QueueState per
     queue; raises ConnectionFailed.
     """
-    try:
-        connection = pika.BlockingConnection(parameters.pika_parameters())
-    except pika.exceptions.AMQPError as e:
-        why = reason(e)
-        if why == e.__class__.__name__ and e.args:
-            why = str(e.args[-1])  # pika's connection workflow error
-        raise ConnectionFailed(
-            f'Cannot connect to {parameters.describe()}: {why}') from None
+    connection = connect(parameters)
     result = []
     try:
         channel = connection.channel()

@@ -5,6 +5,8 @@
     server CONFIG                      run the daemon
     server check [--no-connect] CONFIG check the configuration (`check`;
                                        ``server --check CONFIG`` too)
+    server parked ACTION ... CONFIG    list, show, replay or drop parked
+                                       messages (`parkedcli`)
     server --help | --version
 
 The subcommands are modules of their own, listed in `cli.COMMANDS`;

@@ -27,10 +27,18 @@ The counts travel in the message and change in the same transaction as
 the ACK, so counting works on classic and quorum queues alike and
 survives any crash. Header names of earlier versions (``x-amqprun-*``)
 are still read.
+
+A parked copy records why and when: ``amqprun-error`` (the error's class
+and text), ``amqprun-traceback`` (the whole error with its traceback, at
+most `TRACEBACK_LIMIT` bytes, when there is one), ``amqprun-parked-at``
+(ISO 8601, UTC) and ``amqprun-queue`` (the handler queue it failed in);
+the `parked` module reads them and replays parked messages.
 """
 
 import collections
+import datetime
 import threading
+import traceback
 
 import gocept.amqprun.message
 import gocept.amqprun.topology
@@ -42,6 +50,8 @@ ROUTING_KEY = 'amqprun-routing-key'
 EXPIRATION = 'amqprun-expiration'
 ERROR = 'amqprun-error'
 QUEUE = 'amqprun-queue'
+TRACEBACK = 'amqprun-traceback'
+PARKED_AT = 'amqprun-parked-at'
 LEGACY_PREFIX = 'x-'    # the names before 4.0 were x-amqprun-...
 
 PARK_MODES = ('queue', 'reject')
@@ -208,7 +218,8 @@ class RetryPolicy:
             return Decision('retried', description,
                             [target + (header, delivery.body)], None)
         return self._park(delivery, header, error_text(error),
-                          f'after {tries} failure(s)')
+                          f'after {tries} failure(s)',
+                          trace=traceback_text(error))
 
     def quarantine(self, delivery):
         """The `Decision` for a delivery that returned unsettled (see
@@ -229,10 +240,15 @@ class RetryPolicy:
             [('', quarantine_queue(delivery.queue), header, delivery.body)],
             None)
 
-    def _park(self, delivery, header, error, why):
+    def _park(self, delivery, header, error, why, trace=None):
         headers = header.headers
         headers[ERROR] = error
         headers[QUEUE] = queue = delivery.queue
+        headers[PARKED_AT] = parked_at()
+        # A traceback of an earlier parking must not pass for this one.
+        headers.pop(TRACEBACK, None)
+        if trace:
+            headers[TRACEBACK] = trace
         if self.error_routing_key:
             return Decision(
                 'parked', f'parked {why} with routing key '
@@ -248,7 +264,8 @@ class RetryPolicy:
             [('', parked_queue(queue), header, delivery.body)], None)
 
 
-NAMES = (ATTEMPTS, UNSETTLED, ROUTING_KEY, EXPIRATION, ERROR, QUEUE)
+NAMES = (ATTEMPTS, UNSETTLED, ROUTING_KEY, EXPIRATION, ERROR, QUEUE,
+         TRACEBACK, PARKED_AT)
 # Set by quorum queues on each delivery; meaningless in a new message.
 DELIVERY_COUNT = 'x-delivery-count'
 
@@ -288,6 +305,39 @@ def error_text(error):
     class and text, at most 1000 characters."""
     text = f'{error.__class__.__name__}: {error}'
     return text[:1000]
+
+
+# Bytes of the ``amqprun-traceback`` header at most (UTF-8).
+TRACEBACK_LIMIT = 16 * 1024
+_CUT = '  ... ({} bytes of the traceback left out) ...\n'
+
+
+def traceback_text(error, limit=TRACEBACK_LIMIT):
+    """The ``amqprun-traceback`` header of a parked message: `error` as
+    Python prints it, with its traceback and the errors it came from;
+    None when it was never raised (no traceback). Longer than `limit`
+    bytes, its middle is left out: the first line and the innermost
+    frames with the error itself are kept."""
+    if getattr(error, '__traceback__', None) is None:
+        return None
+    text = ''.join(traceback.format_exception(error))
+    data = text.encode('utf-8')
+    if len(data) <= limit:
+        return text
+    first = text.splitlines(keepends=True)[0].encode('utf-8')[:limit // 4]
+    room = limit - len(first) - len(_CUT.format(len(data)).encode())
+    tail = data[-room:] if room > 0 else b''
+    cut = len(data) - len(first) - len(tail)
+    return (first.decode('utf-8', 'ignore') + _CUT.format(cut)
+            + tail.decode('utf-8', 'ignore'))
+
+
+def parked_at(now=None):
+    """The ``amqprun-parked-at`` header: `now` (default: the current
+    time) in ISO 8601, UTC, to the millisecond."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return now.astimezone(datetime.timezone.utc).isoformat(
+        timespec='milliseconds')
 
 
 class Refusals:

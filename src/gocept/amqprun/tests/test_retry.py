@@ -244,3 +244,74 @@ def test_a_quorum_queue_retries_through_quorum_queues(
         assert tries == [b'x', b'x']
     finally:
         runner.stop()
+
+
+def raised(error):
+    """`error` with the traceback of having been raised here."""
+    try:
+        raise error
+    except Exception as e:
+        return e
+
+
+def test_parking_records_when_and_the_whole_error():
+    policy = retry.RetryPolicy(retries=0)
+    before = retry.parked_at()
+    try:
+        try:
+            {}['key']
+        except KeyError as e:
+            raise RuntimeError('boom') from e
+    except RuntimeError as e:
+        error = e
+    decision = policy.decide(FakeDelivery(), error)
+    [(_, key, header, _)] = decision.publishes
+    headers = header.headers
+    assert key == 'q.parked'
+    assert headers[retry.ERROR] == 'RuntimeError: boom'
+    assert before <= headers[retry.PARKED_AT] <= retry.parked_at()
+    assert headers[retry.PARKED_AT].endswith('+00:00')
+    trace = headers[retry.TRACEBACK]
+    assert trace.startswith('Traceback (most recent call last):')
+    assert "KeyError: 'key'" in trace
+    assert 'direct cause' in trace
+    assert trace.rstrip().endswith('RuntimeError: boom')
+
+
+def test_a_park_without_a_raised_error_has_no_traceback():
+    policy = retry.RetryPolicy(retries=0)
+    # Never raised (the worker builds such errors itself).
+    decision = policy.decide(FakeDelivery(), RuntimeError('refused'))
+    [(_, _, header, _)] = decision.publishes
+    assert retry.TRACEBACK not in header.headers
+    # An unsettled message parked after an earlier parking: the old
+    # traceback does not pass for this parking's.
+    decision = policy.quarantine(FakeDelivery(
+        {retry.TRACEBACK: 'old', retry.PARKED_AT: 'old'}, redelivered=True))
+    [(_, _, header, _)] = decision.publishes
+    assert retry.TRACEBACK not in header.headers
+    assert header.headers[retry.PARKED_AT] != 'old'
+
+
+def test_a_long_traceback_keeps_its_start_and_its_end():
+    # Two functions in turn: Python compacts only repeated frames.
+    def ping(n):
+        if not n:
+            raise ValueError('the innermost ' + 'ü' * 100)
+        pong(n - 1)
+
+    def pong(n):
+        ping(n)
+    try:
+        ping(400)
+    except ValueError as e:
+        error = e
+    full = ''.join(retry.traceback.format_exception(error))
+    assert len(full.encode()) > retry.TRACEBACK_LIMIT
+    trace = retry.traceback_text(error)
+    assert len(trace.encode()) <= retry.TRACEBACK_LIMIT
+    assert trace.startswith('Traceback (most recent call last):\n')
+    assert 'bytes of the traceback left out' in trace
+    assert trace.endswith('ValueError: the innermost ' + 'ü' * 100 + '\n')
+    assert retry.traceback_text(raised(ValueError('x')), limit=10 ** 6) \
+        .endswith('ValueError: x\n')
