@@ -88,7 +88,7 @@ def _text(status, text, headers=()):
 
 def _json(status, data, headers=()):
     return Response(status, 'application/json',
-                    json.dumps(data, indent=1).encode() + b'\n',
+                    json.dumps(data, indent=1, sort_keys=True).encode() + b'\n',
                     list(headers))
 
 
@@ -221,7 +221,7 @@ class Monitor:
         self.address = self._httpd.server_address[:2]
         self._thread = self._poller = None
         self._stop_polling = threading.Event()
-        self.parked = gocept.amqprun.parkedhttp.ParkedHTTP(server)
+        self.parked = gocept.amqprun.parkedhttp.ParkedHTTP(server, self.depths)
 
     @property
     def url(self):

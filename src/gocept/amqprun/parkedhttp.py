@@ -5,6 +5,10 @@ in the HTTP request's thread) and closes it again: nothing here touches
 the daemon's connection, and nothing stays open between requests. The
 methods answer (HTTP status, JSON-able data); the token is checked by
 the monitor before a POST gets here.
+
+Reading parked messages is a pass over their queue (`parked`: AMQP
+cannot peek), so the status page's listing is reused while the parked
+queues' depths have not changed, for up to `LISTING_MAX_AGE` seconds.
 """
 
 import json
@@ -15,12 +19,17 @@ import time
 import pika.exceptions
 
 import gocept.amqprun.errors
+import gocept.amqprun.parked
+import gocept.amqprun.parkedcli
 
 
 log = logging.getLogger(__name__)
 
-# Seconds the status page's listing is reused (several tabs reloading).
-LISTING_MAX_AGE = 2.0
+# Seconds the status page's listing is reused while the parked queues'
+# depths stay the same.
+LISTING_MAX_AGE = 30.0
+# Seconds a request waits for another tool working on a parked queue.
+LOCK_TIMEOUT = 10.0
 
 
 class BadRequest(Exception):
@@ -64,19 +73,29 @@ def _error(status, text, **more):
 
 
 class ParkedHTTP:
-    """The /parked routes of a monitor for `server` (a `server.Server`)."""
+    """The /parked routes of a monitor for `server` (a `server.Server`);
+    `depths` (a `depths.QueueDepths` or None) tells when the status
+    page's listing is out of date."""
 
-    def __init__(self, server):
+    def __init__(self, server, depths=None):
         self.server = server
+        self.depths = depths
         self._lock = threading.Lock()
-        self._listing = None    # (time, messages) for the status page
+        # (time, parked depths, messages) of the status page's listing
+        self._listing = None
 
     def _open(self):
-        import gocept.amqprun.parked
         return gocept.amqprun.parked.Parked(
-            self.server.parameters, sorted(self.server.handlers))
+            self.server.parameters, sorted(self.server.handlers),
+            lock_timeout=LOCK_TIMEOUT)
 
-    def _unknown_queue(self, queue):
+    def _unavailable(self, queue=None):
+        """(status, error) when there is nothing to work on, else None."""
+        why = gocept.amqprun.parkedcli.no_parked_queues(
+            self.server.retry_policy)
+        if why:
+            return _error(404, f'this daemon parks no messages in queues: '
+                          f'{why}')
         if queue is not None and queue not in self.server.handlers:
             return _error(404, f'{queue!r} is not a handler queue of this '
                           'daemon', queues=sorted(self.server.handlers))
@@ -85,27 +104,35 @@ class ParkedHTTP:
     def _call(self, action):
         """(status, data) of `action(parked)`, with the errors of the
         broker and of unknown ids answered."""
-        import gocept.amqprun.parked
+        parked_module = gocept.amqprun.parked
         try:
             with self._open() as parked:
                 return action(parked)
-        except gocept.amqprun.parked.NotParked as e:
-            return _error(404, str(e), ids=list(e.ids))
-        except (gocept.amqprun.errors.ConnectionFailed,
+        except parked_module.NotParked as e:
+            return _error(404, f'{e}; nothing was changed',
+                          ids=[str(i) for i in e.ids])
+        except (parked_module.Busy, parked_module.TargetMissing) as e:
+            return _error(409, str(e))
+        except parked_module.Interrupted as e:
+            log.warning('Monitor: %s', e)
+            return _error(503, str(e), action=e.action,
+                          done=[m.as_dict() for m in e.done],
+                          in_doubt=e.in_doubt and e.in_doubt.as_dict())
+        except (gocept.amqprun.errors.AMQPError,
                 pika.exceptions.AMQPError, OSError) as e:
+            why = gocept.amqprun.errors.reason(e)
             log.warning('Monitor: the parked messages cannot be read: %s',
-                        gocept.amqprun.errors.reason(e))
-            return _error(503, 'the broker cannot be asked now: '
-                          f'{gocept.amqprun.errors.reason(e)}')
+                        why)
+            return _error(503, f'the broker cannot be asked now: {why}')
 
     def list(self, query, **kw):
         queue = query.get('queue')
-        return self._unknown_queue(queue) or self._call(
+        return self._unavailable(queue) or self._call(
             lambda parked: (200, [m.as_dict() for m in parked.list(queue)]))
 
     def show(self, id, query, **kw):
         queue = query.get('queue')
-        return self._unknown_queue(queue) or self._call(
+        return self._unavailable(queue) or self._call(
             lambda parked: (200, parked.show(id, queue).as_dict()))
 
     def replay(self, body, client=None, **kw):
@@ -121,9 +148,9 @@ class ParkedHTTP:
             return _error(400, str(e))
         if dry_run and action == 'drop':
             return _error(400, '"dry_run" is for replay only')
-        unknown = self._unknown_queue(queue)
-        if unknown:
-            return unknown
+        unavailable = self._unavailable(queue)
+        if unavailable:
+            return unavailable
 
         def change(parked):
             if action == 'replay':
@@ -132,10 +159,10 @@ class ParkedHTTP:
                 done = parked.drop(ids=ids, queue=queue)
             return 200, [m.as_dict() for m in done]
         status, result = self._call(change)
-        if status != 200:
-            return status, result
         with self._lock:
             self._listing = None
+        if status != 200:
+            return status, result
         done = [m['message_id'] for m in result]
         verb = {'replay': 'replayed', 'drop': 'dropped'}[action]
         if dry_run:
@@ -150,26 +177,42 @@ class ParkedHTTP:
 
     def listing(self, limit):
         """(the newest `limit` ParkedMessages, how many there are, a
-        problem or None) for the status page; reused for a moment."""
+        problem or None) for the status page."""
         if self.server.parameters is None:
             return [], 0, 'Parked messages cannot be listed without a broker.'
+        unavailable = self._unavailable()
+        if unavailable:
+            return [], 0, unavailable[1]['error'][:1].upper() + \
+                unavailable[1]['error'][1:] + '.'
+        counts = self._parked_counts()
         with self._lock:
             cached = self._listing
-            if cached is not None \
+            if cached is not None and counts is not None \
+                    and cached[1] == counts \
                     and time.monotonic() - cached[0] < LISTING_MAX_AGE:
-                messages = cached[1]
+                messages = cached[2]
+            elif counts is not None and not any(counts.values()):
+                messages = []   # nothing parked: no pass needed
             else:
                 try:
                     with self._open() as parked:
                         messages = parked.list()
-                except ImportError:
-                    return [], 0, 'Parked messages cannot be listed here.'
-                except (gocept.amqprun.errors.ConnectionFailed,
+                except (gocept.amqprun.errors.AMQPError,
                         pika.exceptions.AMQPError, OSError) as e:
-                    return [], 0, ('The parked messages cannot be read now: '
-                                   f'{gocept.amqprun.errors.reason(e)}')
-                self._listing = (time.monotonic(), messages)
+                    return [], 0, ('The parked messages cannot be read '
+                                   f'now: {gocept.amqprun.errors.reason(e)}')
+                self._listing = (time.monotonic(), counts, messages)
         newest = sorted(
             messages, key=lambda m: m.parked_at.timestamp()
             if m.parked_at else 0.0, reverse=True)
         return newest[:limit], len(messages), None
+
+    def _parked_counts(self):
+        """{queue: parked messages} of every handler queue as last polled,
+        or None when not known for every one."""
+        if self.depths is None:
+            return None
+        snapshot = self.depths.snapshot()
+        counts = {q: getattr(snapshot.get(q), 'parked', None)
+                  for q in self.server.handlers}
+        return None if None in counts.values() else counts

@@ -305,6 +305,12 @@ def _parked(monitor):
     for message in messages:
         data = (f'data-queue="{_e(message.queue)}" '
                 f'data-id="{_e(message.message_id)}"')
+        buttons = (
+            f'<button type="button" data-action="replay" {data}>replay'
+            f'</button> <button type="button" data-action="drop" {data}>'
+            'drop</button>') if message.message_id is not None else (
+            '<span class="muted">no message id: only "all" reaches it'
+            '</span>')
         parts.append(
             f'<tr><td><code>{_e(message.queue)}</code></td>'
             f'<td><code>{_e(message.message_id)}</code></td>'
@@ -312,9 +318,6 @@ def _parked(monitor):
             f'<td class="n">{_e(message.attempts)}</td>'
             f'<td><details><summary>{_e(message.error_line)}</summary>'
             f'<pre>{_e(message.error)}</pre></details></td>'
-            f'<td><button type="button" data-action="replay" {data}>'
-            'replay</button> '
-            f'<button type="button" data-action="drop" {data}>drop'
-            '</button></td></tr>')
+            f'<td>{buttons}</td></tr>')
     parts.append('</table>')
     return parts

@@ -11,6 +11,7 @@ import prometheus_client.parser
 import pytest
 
 import gocept.amqprun.monitor
+import gocept.amqprun.retry
 import gocept.amqprun.stats
 import gocept.amqprun.testing
 import gocept.amqprun.tests.test_main
@@ -191,6 +192,7 @@ class FakeServer:
     depths)."""
 
     parameters = None
+    retry_policy = gocept.amqprun.retry.RetryPolicy()
 
     class connection:
         address = 'amqp://guest@broker.example:5672/%2F'
