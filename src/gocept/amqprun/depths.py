@@ -57,6 +57,9 @@ class QueueDepths:
         self._values = {}       # handler queue -> Depth
         self._read_at = None    # clock() of the last successful poll
         self._failing = False
+        # Handler queues the last successful poll did not find (the
+        # daemon has not declared them yet).
+        self.missing = set(self.queues)
 
     def snapshot(self):
         """{handler queue: Depth} of the last successful poll, or {} when
@@ -82,6 +85,7 @@ class QueueDepths:
         if self._failing:
             log.info('Monitor: reading the queue depths again.')
         self._failing = False
+        self.missing = set(self.queues) - set(values)
         with self._lock:
             self._values = values
             self._read_at = self.clock()

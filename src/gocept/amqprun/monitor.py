@@ -258,9 +258,12 @@ class Monitor:
         try:
             while True:
                 self.recent.sample()
-                if self.depths is not None:
-                    self.depths.poll()
-                if self._stop_polling.wait(self.poll_interval):
+                interval = self.poll_interval
+                if self.depths is not None and self.depths.poll() \
+                        and self.depths.missing:
+                    # Starting up: show the queues as soon as declared.
+                    interval = min(interval, 1.0)
+                if self._stop_polling.wait(interval):
                     return
         finally:
             if self.depths is not None:

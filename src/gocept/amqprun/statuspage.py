@@ -297,8 +297,9 @@ def _parked(monitor):
     if not messages:
         parts.append('<p>None.</p>')
         return parts
-    shown = (f'the newest {len(messages)} of {total}'
-             if total > len(messages) else f'{total}')
+    shown = (f'The newest {len(messages)} of {total} parked messages:'
+             if total > len(messages)
+             else f'{total} parked message(s), newest first:')
     parts.append(
         f'<p>{shown}</p><table><tr><th>queue</th><th>message id</th>'
         '<th>parked</th><th>attempts</th><th>error</th><th></th></tr>')
