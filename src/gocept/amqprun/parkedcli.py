@@ -161,7 +161,8 @@ def list_(parked, options, say, out):
         if options.json:
             say(json.dumps(message.as_dict(), sort_keys=True))
         else:
-            say(f'{message.message_id}  {message.queue}  {when(message)}  '
+            say(f'{message.message_id or "-"}  {message.queue}  '
+                f'{when(message)}  '
                 f'{message.attempts} attempt(s)  {message.size} bytes  '
                 f'{message.error_line or "-"}')
     print(f'{len(messages)} parked message(s).', file=sys.stderr)
