@@ -225,6 +225,8 @@ class Stopped:
 
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# Seconds within which the main thread handles a signal at the latest.
+SIGNAL_LATENCY = 0.5
 
 
 class Daemon:
@@ -263,7 +265,14 @@ class Daemon:
         self.runner.start()
         code = None
         while code is None:
-            event = self.events.get()
+            try:
+                # Not without a timeout: a signal that arrives while the
+                # main thread is about to wait (or at another thread) does
+                # not interrupt the wait, and its handler runs only when
+                # the main thread runs Python code again.
+                event = self.events.get(timeout=SIGNAL_LATENCY)
+            except queue.Empty:
+                continue
             code = event.apply(self)
         return self.shut_down(code, stop=self.started
                               or isinstance(event, Signalled))
