@@ -87,8 +87,8 @@ def _text(status, text, headers=()):
 
 
 def _json(status, data, headers=()):
-    return Response(status, 'application/json',
-                    json.dumps(data, indent=1, sort_keys=True).encode() + b'\n',
+    text = json.dumps(data, indent=1, sort_keys=True)
+    return Response(status, 'application/json', f'{text}\n'.encode(),
                     list(headers))
 
 
