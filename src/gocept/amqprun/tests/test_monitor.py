@@ -376,6 +376,7 @@ def test_oldest_handling_seconds(fake_monitor):
                    for name, _ in metrics(url))
 
 
+@pytest.mark.slow   # waits for the depths polled every 5 s: ~12 s
 def test_queue_depths_and_oldest_handling_of_a_daemon(
         daemon, amqp_client, name_prefix):
     process = daemon(worker_extra='  retries 0\n')
