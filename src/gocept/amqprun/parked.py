@@ -222,11 +222,13 @@ class Parked:
                             for q in queues])
                     if dry_run:
                         return selected
-                    queues = [q for q in queues
-                              if any(m.queue == q for m in selected)]
+                    touched = [q for q in queues
+                               if any(m.queue == q for m in selected)]
+                else:
+                    touched = queues
                 if action == REPLAY:
-                    self._check_targets(queues)
-                for queue in queues:
+                    self._check_targets(touched)
+                for queue in touched:
                     self._pass(queue, choose, done)
             finally:
                 self._unlock(queues)
@@ -262,7 +264,14 @@ class Parked:
     def _connect(self):
         if self._connection is not None and self._connection.is_open \
                 and self._channel is not None and self._channel.is_open:
-            return
+            try:
+                # Idle, it answered no heartbeats: is it still there?
+                self._connection.process_data_events(0)
+            except pika.exceptions.AMQPError:
+                pass
+            else:
+                if self._connection.is_open and self._channel.is_open:
+                    return
         self.close()
         self._connection = gocept.amqprun.inspection.connect(
             self.parameters)

@@ -370,6 +370,28 @@ def test_tools_exclude_each_other(amqp_client, amqp_parameters, name_prefix):
             holder.close()
 
 
+def test_locks_are_released_after_each_operation(
+        amqp_client, amqp_parameters, name_prefix):
+    first, first_ids = park_directly(amqp_client, f'{name_prefix}.1', 2)
+    second, _ = park_directly(amqp_client, f'{name_prefix}.2', 1)
+    with Parked(amqp_parameters, [first, second]) as parked:
+        # Locks both queues, moves from the first only.
+        assert ids_of(parked.drop([first_ids[0]])) == first_ids[:1]
+        with Parked(amqp_parameters, [first, second],
+                    lock_timeout=0) as other:
+            assert len(other.list()) == 2
+
+
+def test_a_connection_lost_while_idle_is_made_again(
+        proxy, amqp_client, name_prefix):
+    queue, ids = park_directly(amqp_client, name_prefix, 2)
+    with Parked(proxy.parameters(), [queue]) as parked:
+        assert ids_of(parked.list()) == ids
+        assert proxy.cut() == 1
+        assert ids_of(parked.list()) == ids
+    assert proxy.accepted == 2
+
+
 def test_replay_to_a_missing_queue_changes_nothing(
         amqp_client, amqp_parameters, name_prefix):
     queue, ids = park_directly(amqp_client, name_prefix, 2)
