@@ -55,6 +55,11 @@ setup(
         # <amqp:outbox>: exactly-once effects in the handler's database
         # transaction.
         'sql': ['SQLAlchemy >= 2.0', 'zope.sqlalchemy >= 3.0'],
+        # The status page's browser test (tests/test_statuspage.py) drives
+        # the system's chromium (no browser download); .ci/run installs
+        # both. Not in 'test': ~170 MB with its own driver, useless
+        # without a browser, and the test skips cleanly without it.
+        'browser': ['playwright >= 1.40'],
         'test': [
             'pytest >= 7.0',
             'zope.security >= 6.0',

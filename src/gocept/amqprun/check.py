@@ -38,6 +38,7 @@ import gocept.amqprun.handler
 import gocept.amqprun.inspection
 import gocept.amqprun.interfaces
 import gocept.amqprun.retry
+import gocept.amqprun.monitor
 import gocept.amqprun.server
 import gocept.amqprun.topology
 
@@ -121,7 +122,10 @@ def describe(config, config_file, regs, report):
         f'{config.worker.component_configuration}')
     if config.monitor is not None:
         host, port = config.monitor.address
-        say(f'Monitor: {host or "*"}:{port} (/metrics, /healthz, /readyz)')
+        token = ('token-file given' if config.monitor.token
+                 else 'no token-file: POST refused')
+        say(f'Monitor: {host or "*"}:{port} '
+            f'({gocept.amqprun.monitor.paths()}; {token})')
     say(f'Handlers: {len(regs)}')
     for reg in regs:
         h = reg.handler

@@ -43,6 +43,7 @@ MINIMUMS = (
     ('worker', 'prefetch', 1),
     ('worker', 'shutdown-timeout', 0),
     ('worker', 'progress-interval', 0),
+    ('worker', 'slow-handler-warning', 0),
 )
 # The <worker> keys of the retry policy: RetryPolicy's argument -> key.
 # RetryPolicy checks them (retry.PolicyError names the argument).
@@ -148,6 +149,41 @@ def check_config(config, path):
         fail('monitor', None, 'needs the Python package prometheus_client '
              '(a dependency of gocept.amqprun: pip install '
              'prometheus_client)')
+    if config.monitor is not None:
+        config.monitor.token = None
+        if config.monitor.token_file:
+            try:
+                config.monitor.token = read_token(config.monitor.token_file)
+            except ValueError as e:
+                fail('monitor', 'token-file', str(e))
+
+
+def read_token(path):
+    """The token in the file at `path` (surrounding white space
+    stripped). Raises ValueError when the file is accessible by group or
+    others, cannot be read or holds no token; the message never contains
+    the token."""
+    try:
+        with open(path, 'rb') as f:
+            mode = os.fstat(f.fileno()).st_mode
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f'cannot read {path}: {e.strerror}') from None
+    if mode & 0o077:
+        raise ValueError(
+            f'{path} is accessible by group or others (mode '
+            f'{mode & 0o777:04o}); a token file must be 0600 or stricter '
+            f'(chmod 600 {path})')
+    try:
+        token = data.decode('utf-8').strip()
+    except UnicodeDecodeError:
+        raise ValueError(f'{path} is not UTF-8 text') from None
+    if not token:
+        raise ValueError(f'{path} is empty: it must hold the token')
+    if any(c.isspace() or not c.isprintable() for c in token):
+        raise ValueError(f'{path}: the token must be one word of printable '
+                         'characters (no spaces)')
+    return token
 
 
 def read_lines(path):

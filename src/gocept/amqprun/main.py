@@ -121,6 +121,7 @@ def serve(config_file):
             confirm=config.worker.commit_mode == 'confirm',
             on_ready=lambda: events.put(Ready()))
         monitor = make_monitor(server, config, config_file)
+        watchdog = make_watchdog(server, config)
     except (gocept.amqprun.config.ConfigError,
             gocept.amqprun.server.DuplicateQueueError, ValueError) as e:
         report(e)
@@ -133,7 +134,7 @@ def serve(config_file):
     progress = gocept.amqprun.log.Progress(
         server.stats, config.worker.progress_interval)
     try:
-        return run(server, events, monitor, progress)
+        return run(server, events, monitor, progress, watchdog)
     finally:
         logging.shutdown()
 
@@ -152,7 +153,8 @@ def make_monitor(server, config, config_file):
     import gocept.amqprun.monitor   # prometheus_client only if needed
     host, port = config.monitor.address
     try:
-        return gocept.amqprun.monitor.Monitor(server, (host, port))
+        return gocept.amqprun.monitor.Monitor(
+            server, (host, port), token=config.monitor.token)
     except OSError as e:
         where = gocept.amqprun.config.where(
             config_file, gocept.amqprun.config.read_lines(config_file),
@@ -162,6 +164,16 @@ def make_monitor(server, config, config_file):
         if e.errno == errno.EADDRINUSE:
             raise MonitorUnavailable(problem) from None
         raise gocept.amqprun.config.ConfigError(problem) from None
+
+
+def make_watchdog(server, config):
+    """The `watchdog.Watchdog` of ``slow-handler-warning`` (not yet
+    started), or None when that is 0."""
+    interval = config.worker.slow_handler_warning
+    if not interval:
+        return None
+    import gocept.amqprun.watchdog
+    return gocept.amqprun.watchdog.Watchdog(server, interval)
 
 
 def report(error, logged=False):
@@ -223,8 +235,8 @@ class Stopped:
 
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-# Seconds the main thread waits for an event at a time (see Daemon.run).
-WAKE_UP = 0.1
+# Seconds within which the main thread handles a signal at the latest.
+SIGNAL_LATENCY = 0.5
 
 
 class Daemon:
@@ -232,11 +244,13 @@ class Daemon:
     server in a thread of its own, react to `events` until one ends it,
     shut down in order (see `run`)."""
 
-    def __init__(self, server, events, monitor=None, progress=None):
+    def __init__(self, server, events, monitor=None, progress=None,
+                 watchdog=None):
         self.server = server
         self.events = events
         self.monitor = monitor
         self.progress = progress
+        self.watchdog = watchdog
         self.started = False
         self.runner = threading.Thread(
             target=self._run_server, name='amqprun-io', daemon=True)
@@ -256,14 +270,17 @@ class Daemon:
                 Signalled(signum)))
         if self.monitor is not None:
             self.monitor.start()
+        if self.watchdog is not None:
+            self.watchdog.start()
         self.runner.start()
         code = event = None
         while code is None:
             try:
-                # With a timeout: Python runs signal handlers in the main
-                # thread only, and a signal the kernel gave another thread
-                # would not wake an endless wait.
-                event = self.events.get(timeout=WAKE_UP)
+                # Not without a timeout: a signal that arrives while the
+                # main thread is about to wait (or at another thread) does
+                # not interrupt the wait, and its handler runs only when
+                # the main thread runs Python code again.
+                event = self.events.get(timeout=SIGNAL_LATENCY)
             except queue.Empty:
                 continue
             code = event.apply(self)
@@ -288,8 +305,9 @@ class Daemon:
 
     def shut_down(self, code, stop):
         """Notify ProcessStopping, stop the progress lines, the server
-        (if `stop`: else it has returned already) and the monitor, in
-        that order; return the exit code."""
+        (if `stop`: else it has returned already), the watchdog (which
+        reports handlers that hold up the stop) and the monitor, in that
+        order; return the exit code."""
         if self.monitor is not None:
             self.monitor.stopping = True
         if self.started:
@@ -304,17 +322,20 @@ class Daemon:
         if stop:
             self.server.stop()
         self.runner.join(self.server.shutdown_timeout)
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.monitor is not None:
             self.monitor.stop()
         return code
 
 
-def run(server, events, monitor=None, progress=None):
+def run(server, events, monitor=None, progress=None, watchdog=None):
     """Run `server` until a signal or a failure; return the exit code.
 
     `events` is the queue the server's on_ready callback puts `Ready`
     into. The `monitor` (a `monitor.Monitor`) answers from the start
     until the server stopped; `progress` (a `log.Progress`) logs from the
-    first time the server consumes until shutdown.
+    first time the server consumes until shutdown; `watchdog` (a
+    `watchdog.Watchdog`) watches the handlers from start to exit.
     """
-    return Daemon(server, events, monitor, progress).run()
+    return Daemon(server, events, monitor, progress, watchdog).run()

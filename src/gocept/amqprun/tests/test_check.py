@@ -181,7 +181,9 @@ def test_names_the_monitor_and_suggests_known_keys(
                        extra='<monitor>\n  address :8410\n</monitor>\n')
     code, out = run_check(capsys, config, '--no-connect')
     assert code == 0
-    assert 'Monitor: *:8410 (/metrics, /healthz, /readyz)\n' in out
+    assert ('Monitor: *:8410 (/, /metrics, /healthz, /readyz, /parked, '
+            '/parked/ID, POST /parked/replay, POST /parked/drop; no '
+            'token-file: POST refused)\n') in out
     config.write_text(config.read_text().replace('address', 'adress'))
     code, out = run_check(capsys, config, '--no-connect')
     assert code == 2

@@ -81,6 +81,9 @@ def test_unknown_names_get_the_closest_known_one(tmp_path, kw, expected):
     (dict(worker='  progress-interval -5\n'),
      'FILE, line 8, section <worker>, key progress-interval: must be at '
      'least 0, not -5.0'),
+    (dict(worker='  slow-handler-warning -1\n'),
+     'FILE, line 8, section <worker>, key slow-handler-warning: must be '
+     'at least 0, not -1.0'),
     (dict(server='  hostname localhost\n  connection_attempts 0\n'),
      'FILE, line 5, section <amqp-server>, key connection_attempts: must '
      'be at least 1, not 0'),
@@ -119,6 +122,7 @@ def test_defaults(tmp_path):
     config = load(tmp_path)
     assert config.monitor is None
     assert config.worker.progress_interval == 60
+    assert config.worker.slow_handler_warning == 60
     assert config.prefetch is None
     assert config.parameters.hostname == 'localhost'
 
@@ -134,7 +138,7 @@ SERVER_DEFAULTS = {
     'prefetch': 'prefetch',
 }
 # Keys with a default no Python signature repeats (main passes it on).
-SCHEMA_ONLY = {'progress-interval', 'commit-mode'}
+SCHEMA_ONLY = {'progress-interval', 'commit-mode', 'slow-handler-warning'}
 
 
 def signature_default(function, argument):
@@ -229,3 +233,39 @@ def test_missing_handler_module_says_how_to_make_it_importable(
     hint = ('(The handler modules must be importable by '
             f'{sys.executable}: install their package')
     assert (hint in message) is hinted
+def monitor_with_token(tmp_path, content, mode=0o600):
+    token_file = tmp_path / 'token'
+    token_file.write_bytes(content)
+    token_file.chmod(mode)
+    return dict(extra='<monitor>\n  address :0\n'
+                f'  token-file {token_file}\n</monitor>\n')
+
+
+def test_monitor_token_is_read_from_its_file(tmp_path):
+    config = load(tmp_path, **monitor_with_token(tmp_path, b's3cret\n'))
+    assert config.monitor.token == 's3cret'
+    config = load(tmp_path, extra='<monitor>\n  address :0\n</monitor>\n')
+    assert config.monitor.token is None
+
+
+@pytest.mark.parametrize('content, mode, problem', [
+    (b's3cret', 0o640, 'is accessible by group or others (mode 0640); a '
+     'token file must be 0600 or stricter'),
+    (b's3cret', 0o604, 'is accessible by group or others (mode 0604)'),
+    (b'\n  \n', 0o600, 'is empty: it must hold the token'),
+    (b'two words', 0o400, 'the token must be one word'),
+])
+def test_monitor_token_file_must_be_private_and_not_empty(
+        tmp_path, content, mode, problem):
+    message = error(tmp_path, **monitor_with_token(tmp_path, content, mode))
+    assert message.startswith(
+        'FILE, line 11, section <monitor>, key token-file: ')
+    assert problem in message
+    assert 's3cret' not in message
+
+
+def test_monitor_token_file_must_exist(tmp_path):
+    message = error(tmp_path, extra='<monitor>\n  address :0\n'
+                    f'  token-file {tmp_path}/nonesuch\n</monitor>\n')
+    assert message.startswith('FILE, line 11, section <monitor>, key '
+                              'token-file: ')
