@@ -78,11 +78,12 @@ class Daemon:
     handler sleeps `sleep` seconds, or runs `work` (see HANDLER; `setup`
     goes before it, and `{module}` in both and in `zcml` names the
     handler's module); `zcml` are more directives (prefix amqp:).
-    `baseline`: run the sources of the checkout `args.baseline`.
+    `baseline`: run the sources of the checkout `args.baseline`;
+    `settings`: (key, value) pairs for its <worker> section.
     """
 
     def __init__(self, workload, args, workdir, sleep=0.0, confirm=False,
-                 setup='', work='', zcml='', baseline=False):
+                 setup='', work='', zcml='', baseline=False, settings=()):
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix='daemon-',
                                                  dir=workdir))
         module = 'bench_' + uuid.uuid4().hex[:8]
@@ -101,6 +102,8 @@ class Daemon:
         worker_extra = f'  prefetch {prefetch}\n' if prefetch else ''
         if confirm:
             worker_extra += '  commit-mode confirm\n'
+        worker_extra += ''.join(f'  {key} {value}\n'
+                                for key, value in settings)
         (self.dir / 'server.conf').write_text(DAEMON_CONF.format(
             log=self.log, host=args.host, port=args.port,
             workers=args.workers, zcml=self.dir / 'server.zcml',
@@ -172,3 +175,10 @@ class Daemon:
                 self.process.wait()
         self.output.close()
         return self.process.returncode
+
+
+def variant_settings(name):
+    """The <worker> settings in a variant's name: ``daemon/channels=2/
+    prefetch=40`` is the daemon with ``channels 2`` and ``prefetch 40``
+    (one run can so compare configurations side by side)."""
+    return [tuple(part.split('=', 1)) for part in name.split('/')[1:]]

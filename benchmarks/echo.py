@@ -47,7 +47,7 @@ import signal
 import sys
 import time
 
-from daemon import Daemon
+from daemon import Daemon, variant_settings
 from measure import (
     add_common_options, chosen, environment, fmt, header, measure, median,
     meter, ratios, rounds, table)
@@ -60,11 +60,11 @@ WORKDIR = None   # daemon directories go here (see main)
 
 
 def run_daemon(broker, args, meters, round_=0, confirm=False,
-               baseline=False):
+               baseline=False, settings=()):
     workload = Workload(broker, args.messages, args.size,
                         queue_type=args.queue_type)
     daemon = Daemon(workload, args, WORKDIR, confirm=confirm,
-                    baseline=baseline)
+                    baseline=baseline, settings=settings)
     spy = None
     if args.py_spy:
         spy = f'{args.py_spy}{"-confirm" if confirm else ""}-{round_ + 1}.txt'
@@ -72,7 +72,7 @@ def run_daemon(broker, args, meters, round_=0, confirm=False,
         result = measure(daemon, workload, meters, Daemon.wait_started,
                          py_spy=spy)
         daemon.stop()
-        if not confirm:
+        if not confirm and not baseline:
             result.update(daemon.note(workload.count))
         return result
     finally:
@@ -250,9 +250,11 @@ def main(argv=None):
 
     def run(name, round_):
         if name.startswith('daemon'):
+            base = name.split('/')[0]
             return run_daemon(broker, args, meters, round_,
-                              confirm=name.startswith('daemon-confirm'),
-                              baseline=name.endswith('-baseline'))
+                              confirm=base.startswith('daemon-confirm'),
+                              baseline=base.endswith('-baseline'),
+                              settings=variant_settings(name))
         return run_raw(name.split('-')[1], broker, args, meters)
 
     global WORKDIR

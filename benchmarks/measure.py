@@ -252,11 +252,13 @@ def meter(read, pid):
 def chosen(parser, args, known):
     """The variants of `args.variants`; an error for unknown ones. The
     daemon variants of `known` also exist as ``...-baseline`` (see
-    --baseline, which they need)."""
+    --baseline, which they need), and with settings of their own
+    (``daemon/channels=2``, see daemon.variant_settings)."""
     variants = args.variants.split(',')
     known = tuple(known) + tuple(
         f'{name}-baseline' for name in known if name.startswith('daemon'))
-    unknown = [name for name in variants if name not in known]
+    unknown = [name for name in variants
+               if name.split('/')[0] not in known]
     if any(name.endswith('-baseline') for name in variants) \
             and not args.baseline:
         parser.error('the -baseline variants need --baseline CHECKOUT')

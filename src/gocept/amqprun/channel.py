@@ -184,6 +184,10 @@ class Slot:
         else:
             self.commits.submit(commit)
 
+    def unsettled_tags(self):
+        """The delivery tags of the channel not settled by a commit."""
+        return self._unsettled.keys()
+
     def committed(self, commit):
         """`commit` is committed: its deliveries are settled."""
         for tag in commit.tags:

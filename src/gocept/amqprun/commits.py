@@ -125,7 +125,8 @@ class Transactions:
         self.in_flight = group
         try:
             for commit in group:
-                send(self.channel, commit)
+                publish(self.channel, commit.publishes)
+            self._settle(group)
             self.channel.tx_commit(callback=self._committed)
         except Exception as e:
             # The channel is closing (pika refuses to send): nothing of
@@ -134,6 +135,30 @@ class Transactions:
             error = ChannelLost(f'{self.slot}: {e}', shared=len(group) > 1)
             for commit in group:
                 commit.outcome.set_exception(error)
+
+    def _settle(self, group):
+        """ACK (and reject) what the group settles. The ACKs of the
+        oldest deliveries go as one ``basic.ack`` with ``multiple``: all
+        tags up to the highest of them that no other delivery of the
+        channel still holds (one frame for the broker to process instead
+        of one per message); the others one by one."""
+        acks = set()
+        for commit in group:
+            acks.update(commit.acks)
+            if commit.reject is not None:
+                self.channel.basic_reject(
+                    commit.reject[0], requeue=commit.reject[1])
+        if not acks:
+            return
+        others = [tag for tag in self.slot.unsettled_tags()
+                  if tag not in acks]
+        below = min(others, default=None)
+        covered = [tag for tag in acks if below is None or tag < below]
+        if len(covered) > 1:
+            self.channel.basic_ack(max(covered), multiple=True)
+            acks.difference_update(covered)
+        for tag in acks:
+            self.channel.basic_ack(tag)
 
     def _next_group(self):
         """Take the queued commits that go together: all of them up to
