@@ -43,7 +43,7 @@ import psycopg
 import sqlalchemy as sa
 
 import gocept.amqprun.outbox
-from daemon import Daemon
+from daemon import Daemon, variant_settings
 from measure import (
     add_common_options, chosen, environment, header, measure, meter, ratios,
     rounds, table)
@@ -183,7 +183,8 @@ def verify(database, name, workload, outbox):
 
 def run_variant(name, broker, database, args, workdir, meters):
     """One run of variant `name`: workload, table, consumer, counts."""
-    outbox = name.endswith('outbox')
+    base = name.split('/')[0]
+    outbox = base.endswith('outbox') or base.endswith('outbox-baseline')
     workload = Workload(broker, args.messages, args.size, message_ids=True,
                         queue_type=args.queue_type)
     consumer = None
@@ -194,7 +195,9 @@ def run_variant(name, broker, database, args, workdir, meters):
                 workload, args, workdir,
                 setup=SETUP.format(url=database.sa_url, table=table_name,
                                    workers=args.workers),
-                work=WORK, zcml=OUTBOX_ZCML if outbox else '')
+                work=WORK, zcml=OUTBOX_ZCML if outbox else '',
+                baseline=base.endswith('-baseline'),
+                settings=variant_settings(name))
             wait_ready = Daemon.wait_started
         elif name == 'raw-orm':
             consumer = raw_sql(workload, args, database.sa_url, table_name,

@@ -53,7 +53,8 @@ class Connection:
     queues: the `topology.Queue` objects to declare, bind and (with
         `consumers`) consume from.
     consumers: the number of consumer slots (one channel each).
-    prefetch: unacked deliveries per consumer slot and queue.
+    prefetch: unacked deliveries per consumer slot and queue (needed
+        with consumers; the Server says how many).
     on_delivery: called with each `channel.Delivery` in the IO thread;
         must not block.
     on_ready: called in the IO thread each time the connection is up and
@@ -67,7 +68,7 @@ class Connection:
     stats: a `stats.Stats` that counts the reconnects, or None.
     """
 
-    def __init__(self, parameters, queues=(), consumers=0, prefetch=2,
+    def __init__(self, parameters, queues=(), consumers=0, prefetch=None,
                  on_delivery=None, on_ready=None, confirm=False, stats=None,
                  on_returned=None):
         self.parameters = parameters

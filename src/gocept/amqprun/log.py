@@ -17,7 +17,6 @@ import contextvars
 import datetime
 import json
 import logging
-import re
 import threading
 import time
 
@@ -30,12 +29,6 @@ log = logging.getLogger(__name__)
 # thread binds them with `handling` (None outside a handler).
 _current = contextvars.ContextVar('gocept.amqprun.log.current',
                                   default=None)
-
-# The worker's log lines name the message as their first two arguments:
-# "Handling message %s from queue %r failed", "Message %s from queue %r:
-# ...".
-_ABOUT_MESSAGE = re.compile(r'[Mm]essage %s from queue %r')
-
 
 class handling:
     """``with handling(message_id, queue):`` -- within the block, log
@@ -59,9 +52,9 @@ def message_of(record):
     """(message id, queue) a log record is about, or (None, None).
 
     Sources, first found wins: the record's attributes ``message_id``
-    and ``queue`` (``log.info(..., extra={...})``), the block of
-    `handling` the record was made in, and the first two arguments of
-    the daemon's own "message %s from queue %r" lines.
+    and ``queue`` (``log.info(..., extra={...})``: the daemon's own lines
+    about a message logged outside a worker's handling pass them so),
+    and the block of `handling` the record was made in.
     """
     message_id = getattr(record, 'message_id', None)
     queue = getattr(record, 'queue', None)
@@ -70,11 +63,6 @@ def message_of(record):
     current = _current.get()
     if current is not None:
         return current
-    if isinstance(record.msg, str) and isinstance(record.args, tuple) \
-            and len(record.args) >= 2:
-        match = _ABOUT_MESSAGE.search(record.msg)
-        if match is not None and record.msg.find('%') == match.start() + 8:
-            return record.args[0], record.args[1]
     return None, None
 
 

@@ -93,7 +93,9 @@ class Watchdog:
             'Message %s from queue %r: its handling has run for %.1f s '
             '(slow-handler-warning %g s) in %s, which is at:\n%s',
             activity.message_id, activity.queue, activity.seconds,
-            self.interval, activity.worker, stack.rstrip('\n'))
+            self.interval, activity.worker, stack.rstrip('\n'),
+            extra={'message_id': activity.message_id,
+                   'queue': activity.queue})
 
 
 def oldest_handling(activities):

@@ -287,3 +287,24 @@ def test_duplicate_queues_names_every_handler_of_a_queue():
     assert gocept.amqprun.server.duplicate_queues(named) == {
         'q1': ['a', 'c', 'd']}
     assert gocept.amqprun.server.duplicate_queues(named[:2]) == {}
+
+
+def test_stop_from_many_threads_at_once_stops_once(
+        run_server, zca, name_prefix, caplog):
+    register(zca, gocept.amqprun.handler.declare(
+        f'{name_prefix}.q', f'{name_prefix}.q')(lambda message: None))
+    server = run_server(workers=2)
+    start = threading.Barrier(8)
+
+    def stop():
+        start.wait(10)
+        server.stop()
+    with caplog.at_level('INFO', 'gocept.amqprun.server'):
+        threads = [threading.Thread(target=stop) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert caplog.text.count('Stopping: cancelling consumers.') == 1
+    assert caplog.text.count('Stopped.') == 1
+    assert not server.connection.alive
