@@ -28,6 +28,8 @@ Variants (interleaved, ROUNDS times; medians are printed):
   raw-g    pika in one thread, tx mode, a group commit by hand: publish
            the reply and ack every delivery at hand, then one tx_commit
            (prefetch 100): what the broker gives transactions
+  raw-n    the same blocking thread without a transaction (publish and
+           ack, prefetch 100): a plain pika consumer without tx
 
 Every consumer is a process of its own, so its CPU time (utime + stime) and
 peak RSS (VmHWM) come from /proc/<pid>; the broker's CPU comes from the
@@ -217,7 +219,8 @@ TARGETS = {('daemon', 'raw-b'): 2, ('daemon', 'raw-g'): 0.9,
            ('daemon', 'daemon-confirm'): 0.9,
            ('daemon-confirm', 'raw-c'): 0.6}
 # Client CPU per message: the first at most the second's.
-CPU_TARGETS = (('daemon', 'raw-b'), ('daemon-confirm', 'raw-c'))
+CPU_TARGETS = (('daemon', 'raw-b'), ('daemon-confirm', 'raw-n'),
+               ('daemon-confirm', 'raw-c'))
 # The variants committing AMQP transactions.
 TX = ('daemon', 'daemon-baseline', 'raw-a', 'raw-b', 'raw-g')
 
@@ -227,7 +230,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     add_common_options(
         parser, messages=20000,
-        variants='daemon,daemon-confirm,raw-a,raw-b,raw-c,raw-e,raw-g')
+        variants='daemon,daemon-confirm,raw-a,raw-b,raw-c,raw-e,raw-g,raw-n')
     parser.add_argument('--confirm-prefetch', type=int, default=None,
                         help='daemon-confirm\'s prefetch (default: the '
                         'confirm mode\'s own)')
@@ -243,7 +246,7 @@ def main(argv=None):
     parser.add_argument('--backlog-seconds', type=float, default=15)
     args = parser.parse_args(argv)
     variants = chosen(parser, args, DAEMONS + (
-        'raw-a', 'raw-b', 'raw-c', 'raw-d', 'raw-e', 'raw-g'))
+        'raw-a', 'raw-b', 'raw-c', 'raw-d', 'raw-e', 'raw-g', 'raw-n'))
     broker_pid = find_broker_pid(args.port)
     header(broker_pid)
     meters = {'broker': meter(cpu_seconds, broker_pid)}

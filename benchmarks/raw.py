@@ -43,8 +43,9 @@ def raw_main(argv, work=None):
     if mode in 'ce':
         return raw_async(mode, params, input_queue, output_key, count,
                          prefetch)
-    if mode == 'g':
-        return raw_group(params, input_queue, output_key, count, prefetch)
+    if mode in 'gn':
+        return raw_group(params, input_queue, output_key, count, prefetch,
+                         transactional=mode == 'g')
     lock = threading.Lock()
     done = [0]
     barrier = threading.Barrier(connections + 1)
@@ -104,17 +105,21 @@ def reply_properties(properties):
         correlation_id=properties.message_id)
 
 
-def raw_group(params, input_queue, output_key, count, prefetch):
+def raw_group(params, input_queue, output_key, count, prefetch,
+              transactional=True):
     """Variant g: a group commit by hand, in one thread on one channel in
     tx mode. Gather every delivery at hand (``process_data_events`` with
     ``time_limit=0``), publish each one's reply and ACK it, then ONE
     tx.commit for the whole group. Each message's reply and ACK are still
-    in one transaction; the broker's cost is per commit.
+    in one transaction; the broker's cost is per commit. Variant n
+    (not `transactional`): the same loop without a transaction -- one
+    blocking pika thread publishing and ACKing, no tx, no confirms.
 
     Prints "ready" once it consumes, "commits N" after COUNT messages."""
     connection = pika.BlockingConnection(params)
     channel = connection.channel()
-    channel.tx_select()
+    if transactional:
+        channel.tx_select()
     channel.basic_qos(prefetch_count=prefetch)
     at_hand = []
     channel.basic_consume(
@@ -136,10 +141,12 @@ def raw_group(params, input_queue, output_key, count, prefetch):
             channel.basic_publish('amq.topic', output_key, body,
                                   reply_properties(properties))
             channel.basic_ack(method.delivery_tag)
-        channel.tx_commit()
-        commits += 1
+        if transactional:
+            channel.tx_commit()
+            commits += 1
         done += len(group)
-    print(f'commits {commits}', flush=True)
+    if transactional:
+        print(f'commits {commits}', flush=True)
     with contextlib.suppress(Exception):
         channel.cancel()
         connection.close()
@@ -222,14 +229,15 @@ def add_raw_options(parser):
                         '(c, e)')
     parser.add_argument('--raw-g-prefetch', type=int, default=100,
                         help='prefetch of the raw group-committing consumer '
-                        '(g): the most deliveries one commit can take')
+                        '(g): the most deliveries one commit can take; also '
+                        'of raw-n')
 
 
 def prefetch_of(mode, args):
     """The prefetch of raw variant `mode` given the benchmark's options."""
     if mode in ('c', 'e'):
         return args.raw_c_prefetch
-    if mode == 'g':
+    if mode in ('g', 'n'):
         return args.raw_g_prefetch
     return args.raw_prefetch
 
