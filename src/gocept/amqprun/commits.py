@@ -102,6 +102,17 @@ class Transactions:
         self.queued = []      # handed over, not sent yet
         self.in_flight = []   # sent, waiting for Tx.CommitOk
         self._flushing = False
+        self._controls = []   # to send once no Tx.Commit is in flight
+
+    def control(self, function):
+        """Call `function` (which sends something else on the channel,
+        e.g. basic.cancel) now, or -- while a ``Tx.Commit`` is in flight,
+        when RabbitMQ answers anything else with 504 -- right after its
+        ``Tx.CommitOk``."""
+        if self.in_flight:
+            self._controls.append(function)
+        else:
+            function()
 
     @property
     def busy(self):
@@ -184,6 +195,9 @@ class Transactions:
         for commit in group:
             self.slot.committed(commit)
             commit.outcome.set_result(None)
+        controls, self._controls = self._controls, []
+        for function in controls:
+            function()
         if self.queued:
             self._flush()
         else:
@@ -227,6 +241,12 @@ class Confirms:
     @property
     def busy(self):
         return bool(self.waiting)
+
+    @staticmethod
+    def control(function):
+        """Call `function` now: confirm mode has nothing in flight that
+        other methods would disturb."""
+        function()
 
     def submit(self, commit):
         if not commit.outcome.set_running_or_notify_cancel():

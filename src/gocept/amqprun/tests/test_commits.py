@@ -23,6 +23,7 @@ import collections
 import os
 import random
 import threading
+import time
 
 import pytest
 
@@ -410,3 +411,65 @@ def test_a_stream_of_groups_cut_five_times_with_a_poison_member(
     assert amqp_client.get(parked).body == POISON
     assert proxy.accepted == CUTS + 1
     assert proxy.intrusions == []
+
+
+def test_stopping_while_a_group_is_in_flight_sends_nothing_in_between(
+        in_process, proxy, zca, amqp_client, name_prefix, caplog):
+    # RabbitMQ answers anything but Tx.CommitOk's wait on a channel with
+    # 504 (connection closed): the consumers are cancelled after it.
+    e = Echo(zca, amqp_client, name_prefix)
+    e.server = in_process(workers=8)
+    e.send(*(b'%02d' % n for n in range(40)))
+    hold = proxy.hold(TX_COMMIT_OK, TO_CLIENT)
+    assert hold.holding.wait(TIMEOUT)
+    stopped = threading.Thread(target=e.server.stop)
+    stopped.start()
+    # The stop waits for the commit; meanwhile it sent nothing.
+    assert not stopped.join(0.5) and stopped.is_alive()
+    hold.release()
+    stopped.join(TIMEOUT)
+    assert not stopped.is_alive()
+    assert proxy.intrusions == []
+    assert proxy.accepted == 1
+    replies = drain(amqp_client, e.out)
+    left = amqp_client.count(e.queue)
+    assert len(set(replies)) == len(replies)
+    assert len(replies) + left == 40, (len(replies), left)
+    for text in ('504', LOST, 'did not answer every commit'):
+        assert text not in caplog.text
+
+
+def test_a_stop_while_deliveries_race_the_cancel_puts_them_back_unflagged(
+        in_process, proxy, zca, amqp_client, name_prefix, caplog):
+    # Workers busy, commits in flight, deliveries on their way when the
+    # consumers are cancelled: pika would reject those (requeued, flagged
+    # redelivered), and a reject during a Tx.Commit closes the connection.
+    count = 160
+    e = Echo(zca, amqp_client, name_prefix)
+    handle = e.handle
+
+    def slowly(message):
+        time.sleep(0.05)
+        return handle(message)
+    zca.registerUtility(
+        gocept.amqprun.handler.declare(e.queue, e.queue)(slowly),
+        gocept.amqprun.interfaces.IHandler, name=e.queue)
+    e.send(*(b'%03d' % n for n in range(count)))
+    e.server = in_process(workers=8)
+    e.wait_handled(24)
+    e.server.stop()
+    replies = drain(amqp_client, e.out)
+    assert len(set(replies)) == len(replies)
+    back = []
+    while (message := amqp_client.get(e.queue)) is not None:
+        back.append(message)
+    assert len(replies) + len(back) == count, (len(replies), len(back))
+    assert sorted(replies + [m.body for m in back]) == [
+        b'%03d' % n for n in range(count)]
+    # Put back as they were: not flagged, not counted.
+    assert not any(m.redelivered for m in back)
+    assert not any('amqprun-unsettled' in m.header.headers for m in back)
+    assert proxy.intrusions == []
+    assert proxy.accepted == 1
+    for text in ('504', LOST, 'did not answer every commit'):
+        assert text not in caplog.text

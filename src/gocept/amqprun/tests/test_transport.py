@@ -20,6 +20,18 @@ def test_pika_plaintext_transport_has_what_batch_writes_replaces():
     assert cls._produce.__qualname__ == '_AsyncTransportBase._produce'
 
 
+def test_pika_rejects_deliveries_of_consumers_being_cancelled_by_a_set():
+    # channel.Slot cancels consumers and takes the tag out of this set,
+    # so that their late deliveries are not rejected by pika.
+    import inspect
+    import pika.channel
+    source = inspect.getsource(pika.channel.Channel._on_deliver)
+    assert 'consumer_tag in self._cancelled' in source
+    assert 'self.basic_reject(' in source
+    assert '_cancelled.add(consumer_tag)' in inspect.getsource(
+        pika.channel.Channel.basic_cancel)
+
+
 def run_select_connection(parameters, on_channel, timeout=20):
     """Open a pika SelectConnection with writes batched; call
     `on_channel(connection, channel, done)`; run until `done()`."""
