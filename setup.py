@@ -55,6 +55,9 @@ setup(
         # <amqp:outbox>: exactly-once effects in the handler's database
         # transaction.
         'sql': ['SQLAlchemy >= 2.0', 'zope.sqlalchemy >= 3.0'],
+        # Traces through the daemon (`tracing`); the application brings
+        # the SDK and its exporter.
+        'otel': ['opentelemetry-api >= 1.20'],
         'test': [
             'pytest >= 7.0',
             'zope.security >= 6.0',
@@ -64,6 +67,15 @@ setup(
             # PostgreSQL for the outbox tests (SQLAlchemy 2's default
             # postgresql:// driver).
             'psycopg[binary] >= 3.1',
+            # tests/test_tracing.py: the SDK's in-memory exporter, the
+            # daemon under `opentelemetry-instrument` (the distro
+            # configures the SDK from OTEL_* variables) beside pika's own
+            # instrumentation. (Their releases pin each other's versions;
+            # pip picks a set that fits.)
+            'opentelemetry-api >= 1.20',
+            'opentelemetry-sdk >= 1.20',
+            'opentelemetry-distro >= 0.48b0',
+            'opentelemetry-instrumentation-pika >= 0.48b0',
         ],
     },
     entry_points={
