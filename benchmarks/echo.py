@@ -28,6 +28,11 @@ Variants (interleaved, ROUNDS times; medians are printed):
   raw-g    pika in one thread, tx mode, a group commit by hand: publish
            the reply and ack every delivery at hand, then one tx_commit
            (prefetch 100): what the broker gives transactions
+  daemon-notrace, daemon-sdk
+           (only if asked for) `daemon` with tracing switched off (as
+           without the `otel` extra), and with OpenTelemetry's SDK (a
+           batch processor, spans discarded); `daemon` itself traces as
+           installed (opentelemetry-api without an SDK: no-op spans)
 
 Every consumer is a process of its own, so its CPU time (utime + stime) and
 peak RSS (VmHWM) come from /proc/<pid>; the broker's CPU comes from the
@@ -60,11 +65,12 @@ WORKDIR = None   # daemon directories go here (see main)
 
 
 def run_daemon(broker, args, meters, round_=0, confirm=False,
-               baseline=False):
+               baseline=False, tracing=None):
     workload = Workload(broker, args.messages, args.size,
-                        queue_type=args.queue_type)
+                        queue_type=args.queue_type,
+                        traceparent=args.traceparent)
     daemon = Daemon(workload, args, WORKDIR, confirm=confirm,
-                    baseline=baseline)
+                    baseline=baseline, tracing=tracing)
     spy = None
     if args.py_spy:
         spy = f'{args.py_spy}{"-confirm" if confirm else ""}-{round_ + 1}.txt'
@@ -79,7 +85,8 @@ def run_daemon(broker, args, meters, round_=0, confirm=False,
 
 def run_raw(mode, broker, args, meters):
     workload = Workload(broker, args.messages, args.size,
-                        queue_type=args.queue_type)
+                        queue_type=args.queue_type,
+                        traceparent=args.traceparent)
     raw = Raw(mode[0], workload, args)
     try:
         result = measure(raw, workload, meters, Raw.wait_ready)
@@ -208,6 +215,8 @@ def broker_in_tx(med):
 
 
 DAEMONS = ('daemon', 'daemon-confirm')
+# Daemon variants of tracing (transaction mode): Daemon's `tracing`.
+TRACING = {'daemon-notrace': 'off', 'daemon-sdk': 'sdk'}
 # The targets (K=8): the daemon's rate relative to a reference.
 TARGETS = {('daemon', 'raw-b'): 2, ('daemon', 'raw-g'): 0.9,
            ('daemon', 'daemon-confirm'): 0.9,
@@ -215,7 +224,8 @@ TARGETS = {('daemon', 'raw-b'): 2, ('daemon', 'raw-g'): 0.9,
 # Client CPU per message: the first at most the second's.
 CPU_TARGETS = (('daemon', 'raw-b'), ('daemon-confirm', 'raw-c'))
 # The variants committing AMQP transactions.
-TX = ('daemon', 'daemon-baseline', 'raw-a', 'raw-b', 'raw-g')
+TX = ('daemon', 'daemon-baseline', 'daemon-notrace', 'daemon-sdk', 'raw-a',
+      'raw-b', 'raw-g')
 
 
 def main(argv=None):
@@ -231,6 +241,9 @@ def main(argv=None):
     parser.add_argument('--py-spy', metavar='PREFIX', default=None,
                         help='record each daemon run with py-spy into '
                         'PREFIX-<round>.txt (collapsed stacks, per thread)')
+    parser.add_argument('--traceparent', action='store_true',
+                        help='every input message carries a W3C '
+                        'traceparent header (a trace of its own)')
     parser.add_argument('--no-extras', action='store_true',
                         help='skip the SIGTERM and backlog measurements')
     parser.add_argument('--backlog', type=int, default=200000,
@@ -238,7 +251,7 @@ def main(argv=None):
                         '(0: skip)')
     parser.add_argument('--backlog-seconds', type=float, default=15)
     args = parser.parse_args(argv)
-    variants = chosen(parser, args, DAEMONS + (
+    variants = chosen(parser, args, DAEMONS + tuple(TRACING) + (
         'raw-a', 'raw-b', 'raw-c', 'raw-d', 'raw-e', 'raw-g'))
     broker_pid = find_broker_pid(args.port)
     header(broker_pid)
@@ -248,7 +261,8 @@ def main(argv=None):
         if name.startswith('daemon'):
             return run_daemon(broker, args, meters, round_,
                               confirm=name.startswith('daemon-confirm'),
-                              baseline=name.endswith('-baseline'))
+                              baseline=name.endswith('-baseline'),
+                              tracing=TRACING.get(name))
         return run_raw(name.split('-')[1], broker, args, meters)
 
     global WORKDIR

@@ -148,18 +148,23 @@ class ConsumerSpan:
 def enter(delivery):
     """Make the span of `delivery` the current one in this thread,
     starting it unless it has one (a delivery handed back to a worker to
-    be retried has); return the token for `leave`, or None when the
-    delivery's channel is gone (it is only dropped: no span)."""
+    be retried has); return the token for `leave`, or None when there is
+    nothing to trace: the delivery's channel is gone (it is only
+    dropped), or there is neither a TracerProvider nor an incoming
+    context (the API's no-op span would carry nothing)."""
     consumer = delivery.span
     if consumer is None:
         if not delivery.current:
             return None
         try:
-            consumer = delivery.span = _start(delivery)
+            consumer = _start(delivery)
         except Exception:
             log.exception('Cannot trace message %s from queue %r',
                           delivery.header.message_id, delivery.queue)
             return None
+        if consumer is None:
+            return None
+        delivery.span = consumer
     return otel_context.attach(consumer.context)
 
 
@@ -183,6 +188,8 @@ def _start(delivery):
         if attempts:
             attributes[ATTEMPTS] = attempts
         span.set_attributes(attributes)
+    elif not span.get_span_context().is_valid:
+        return None     # the API's no-op span, and no incoming context
     return ConsumerSpan(span, trace.set_span_in_context(span, parent))
 
 
@@ -260,15 +267,20 @@ def _produce(exchange, routing_key, header, body):
     try:
         span = _tracer.start_span(
             f'send {exchange or routing_key}', kind=_PRODUCER)
-        if span.is_recording():
-            attributes = {
-                SYSTEM: 'rabbitmq', OPERATION_TYPE: 'send',
-                OPERATION_NAME: 'send', DESTINATION: exchange,
-                BODY_SIZE: len(body)}
-            if routing_key:
-                attributes[ROUTING_KEY] = routing_key
-            _message_attributes(attributes, header)
-            span.set_attributes(attributes)
+        if not span.is_recording():
+            # No TracerProvider (or not sampled): the current context,
+            # if there is one, passes on unchanged.
+            if span.get_span_context().is_valid:
+                propagate.inject(header.headers)
+            return
+        attributes = {
+            SYSTEM: 'rabbitmq', OPERATION_TYPE: 'send',
+            OPERATION_NAME: 'send', DESTINATION: exchange,
+            BODY_SIZE: len(body)}
+        if routing_key:
+            attributes[ROUTING_KEY] = routing_key
+        _message_attributes(attributes, header)
+        span.set_attributes(attributes)
         propagate.inject(header.headers,
                          context=trace.set_span_in_context(span))
         span.end()

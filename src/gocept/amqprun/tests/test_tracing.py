@@ -453,6 +453,28 @@ def test_a_nacked_reply_is_retried_then_parked_in_one_trace(
     spans.each_consumer_span_ended_once()
 
 
+def test_a_commit_the_broker_refuses_is_requeued_then_parked(
+        spans, start, amqp_client, name_prefix):
+    # A reply to an exchange that does not exist: the broker closes the
+    # channel, the message comes back and is parked (no retries).
+    def handle(message):
+        reply = Message({}, b'r', routing_key='nowhere')
+        reply.exchange = f'{name_prefix}.no-such-exchange'
+        return [reply]
+    start(handle, retry_policy=RetryPolicy(retries=0))
+    amqp_client.send(f'{name_prefix}.in', b'x', {'traceparent': TRACEPARENT})
+    amqp_client.wait(f'{name_prefix}.in.parked', timeout=15)
+    first, second = spans.wait(CONSUMER, f'process {name_prefix}.in', 2)
+    assert first.attributes['amqprun.outcome'] == 'requeued'
+    assert first.attributes['error.type'] == 'ChannelLost'
+    assert first.status.status_code == trace.StatusCode.ERROR
+    # Delivered again by the broker: continuing the same incoming context.
+    assert second.parent.span_id == first.parent.span_id
+    assert second.attributes['amqprun.outcome'] == 'parked'
+    assert second.attributes['error.type'] == 'BrokerRefused'
+    spans.each_consumer_span_ended_once()
+
+
 def test_a_commit_in_doubt_ends_the_span_in_doubt(
         spans, start, amqp_client, amqp_parameters, name_prefix):
     proxy = AMQPProxy.to(amqp_parameters)
