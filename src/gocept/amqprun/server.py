@@ -199,8 +199,8 @@ class Server:
                     f'Cannot prepare {self.outbox!r}: {e}') from e
         for worker in self.workers:
             worker.start()
-        # This thread is the IO thread: its publishes are traced already.
-        quiet = tracing.suppress_instrumentation() if tracing.ACTIVE else None
+        # This thread becomes the IO thread (see `tracing.serving`).
+        quiet = tracing.serving() if tracing.ACTIVE else None
         try:
             self.connection.run()
         finally:

@@ -27,22 +27,27 @@ has a span, which only happens while it is set):
   does not wait for (see `session`) is *handed over*: the IO thread ends
   the span when the broker answered. A failure sets the status ERROR and
   records the exception.
-- `suppress_instrumentation` (the IO thread): pika's own
-  instrumentation (opentelemetry-instrumentation-pika) would make every
-  publish of the IO thread the root of a new trace and overwrite the
-  context injected above; OpenTelemetry's suppression key switches it
-  off in that thread, where this module's spans already cover the
-  publishes.
+- `serving` (a Server's IO thread, at its start): whether a
+  TracerProvider is set (see below); and pika's own instrumentation
+  (opentelemetry-instrumentation-pika) would make every publish of the
+  IO thread the root of a new trace and overwrite the context injected
+  above: OpenTelemetry's suppression key switches it off in that
+  thread, where this module's spans already cover the publishes.
 - `log_ids`, `ids_of`: the trace and span id of a log record (`log`).
 
 The spans go to the global TracerProvider the application configured;
 this module configures none. Without opentelemetry-api nothing here
-runs (`ACTIVE` is False); with the API but no SDK the spans are
-OpenTelemetry's no-op ones, which pass an incoming context on unchanged.
+runs (`ACTIVE` is False). With the API but no TracerProvider when the
+server starts (`RECORDING` is False) spans would record nothing: the
+hooks *pass on* instead -- the propagation fields of the message being
+handled are copied as they are into the messages sent meanwhile (its
+retry copies have them anyway), and log records get the ids they name
+-- at a fraction of the cost of parsing and re-serialising them.
 ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` naming ``gocept.amqprun``
 switches this module off (read at import).
 """
 
+import contextvars
 import importlib.metadata
 import logging
 import os
@@ -92,6 +97,9 @@ def enabled(environ=os.environ):
 
 
 ACTIVE = enabled()
+# A TracerProvider that may record was set (see `serving`); until then
+# the hooks pass on.
+RECORDING = False
 
 if trace is not None:
     try:
@@ -102,6 +110,7 @@ if trace is not None:
     _tracer = trace.get_tracer(NAME, _version)
     _CONSUMER = trace.SpanKind.CONSUMER
     _PRODUCER = trace.SpanKind.PRODUCER
+    _NO_OP_PROVIDERS = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
     # OpenTelemetry's own key (what `is_instrumentation_enabled` asks).
     _SUPPRESS = getattr(otel_context, '_SUPPRESS_INSTRUMENTATION_KEY', None)
 
@@ -123,6 +132,12 @@ class HeaderGetter(Getter):
 
 
 _getter = HeaderGetter()
+
+# Passing on (see above): the headers of the message being handled.
+_carrier = contextvars.ContextVar('gocept.amqprun.tracing.carrier',
+                                  default=None)
+# (the global propagator, the header names it writes)
+_fields = (None, ())
 
 
 class ConsumerSpan:
@@ -156,6 +171,9 @@ def enter(delivery):
     if consumer is None:
         if not delivery.current:
             return None
+        if not RECORDING:
+            headers = delivery.header.headers
+            return _carrier.set(headers) if headers else None
         try:
             consumer = _start(delivery)
         except Exception:
@@ -172,9 +190,9 @@ def _start(delivery):
     header = delivery.header
     headers = header.headers
     parent = propagate.extract(headers, getter=_getter) if headers else None
-    span = _tracer.start_span(
-        f'process {delivery.queue}', context=parent, kind=_CONSUMER)
-    if span.is_recording():
+    attributes = None
+    if RECORDING:
+        # Given at the start, the SDK takes them in one go.
         attributes = {
             SYSTEM: 'rabbitmq', OPERATION_TYPE: 'process',
             OPERATION_NAME: 'process', DESTINATION: delivery.exchange,
@@ -187,8 +205,9 @@ def _start(delivery):
         attempts = gocept.amqprun.retry.attempts(header)
         if attempts:
             attributes[ATTEMPTS] = attempts
-        span.set_attributes(attributes)
-    elif not span.get_span_context().is_valid:
+    span = _tracer.start_span(f'process {delivery.queue}', context=parent,
+                              kind=_CONSUMER, attributes=attributes)
+    if not span.is_recording() and not span.get_span_context().is_valid:
         return None     # the API's no-op span, and no incoming context
     return ConsumerSpan(span, trace.set_span_in_context(span, parent))
 
@@ -198,9 +217,12 @@ def leave(delivery, token):
     (`token` from `enter`). A span nothing ended and no commit in flight
     will end ends now: nothing settled the delivery (its channel went
     while it waited), the broker delivers it again."""
-    otel_context.detach(token)
     consumer = delivery.span
-    if consumer is not None and not (consumer.ended or consumer.in_flight):
+    if consumer is None:        # passed on
+        _carrier.reset(token)
+        return
+    otel_context.detach(token)
+    if not (consumer.ended or consumer.in_flight):
         end(delivery, 'requeued')
 
 
@@ -251,7 +273,13 @@ def _record(span, error):
 
 def sending(message):
     """`message` (an IMessage) joins a transaction: a PRODUCER span,
-    its context injected into the message's headers."""
+    its context injected into the message's headers (or the context of
+    the message being handled passed on)."""
+    if not RECORDING:
+        carrier = _carrier.get()
+        if carrier is not None:
+            _pass_on(carrier, message.header.headers)
+            return
     _produce(message.exchange, message.routing_key, message.header,
              message.body)
 
@@ -259,28 +287,44 @@ def sending(message):
 def publishing(publishes):
     """The (exchange, routing key, Header, body) tuples are about to be
     committed: a PRODUCER span for each, injected (see `sending`)."""
+    if not RECORDING and _carrier.get() is not None:
+        return      # copies of the message being handled: they have it
     for exchange, routing_key, header, body in publishes:
         _produce(exchange, routing_key, header, body)
 
 
+def _pass_on(source, target):
+    global _fields
+    textmap = propagate.get_global_textmap()
+    if _fields[0] is not textmap:
+        _fields = (textmap, tuple(textmap.fields))
+    for field in _fields[1]:
+        value = source.get(field)
+        if isinstance(value, bytes):
+            value = value.decode('utf-8', 'replace')
+        if isinstance(value, str):
+            target[field] = value
+
+
 def _produce(exchange, routing_key, header, body):
     try:
-        span = _tracer.start_span(
-            f'send {exchange or routing_key}', kind=_PRODUCER)
+        attributes = None
+        if RECORDING:
+            attributes = {
+                SYSTEM: 'rabbitmq', OPERATION_TYPE: 'send',
+                OPERATION_NAME: 'send', DESTINATION: exchange,
+                BODY_SIZE: len(body)}
+            if routing_key:
+                attributes[ROUTING_KEY] = routing_key
+            _message_attributes(attributes, header)
+        span = _tracer.start_span(f'send {exchange or routing_key}',
+                                  kind=_PRODUCER, attributes=attributes)
         if not span.is_recording():
             # No TracerProvider (or not sampled): the current context,
             # if there is one, passes on unchanged.
             if span.get_span_context().is_valid:
                 propagate.inject(header.headers)
             return
-        attributes = {
-            SYSTEM: 'rabbitmq', OPERATION_TYPE: 'send',
-            OPERATION_NAME: 'send', DESTINATION: exchange,
-            BODY_SIZE: len(body)}
-        if routing_key:
-            attributes[ROUTING_KEY] = routing_key
-        _message_attributes(attributes, header)
-        span.set_attributes(attributes)
         propagate.inject(header.headers,
                          context=trace.set_span_in_context(span))
         span.end()
@@ -297,9 +341,15 @@ def _message_attributes(attributes, header):
 
 # The IO thread
 
-def suppress_instrumentation():
-    """Switch other OpenTelemetry instrumentations (pika's) off in this
-    thread; return the token for `restore` (None: nothing to restore)."""
+def serving():
+    """A Server starts, in this thread, its IO thread: note whether the
+    application has set a TracerProvider that may record (not the API's
+    proxy or no-op one; one set later is used from the next start on),
+    and switch other OpenTelemetry instrumentations (pika's) off in this
+    thread. Return the token for `restore` (None: nothing to restore)."""
+    global RECORDING
+    RECORDING = RECORDING or not isinstance(
+        trace.get_tracer_provider(), _NO_OP_PROVIDERS)
     if _SUPPRESS is None:
         return None
     return otel_context.attach(otel_context.set_value(_SUPPRESS, True))
@@ -323,7 +373,13 @@ def log_ids(record):
         return None
     context = trace.get_current_span().get_span_context()
     if not context.is_valid:
-        return None
+        carrier = _carrier.get()
+        if carrier is None:
+            return None
+        context = trace.get_current_span(propagate.extract(
+            carrier, getter=_getter)).get_span_context()
+        if not context.is_valid:
+            return None
     return (trace.format_trace_id(context.trace_id),
             trace.format_span_id(context.span_id))
 

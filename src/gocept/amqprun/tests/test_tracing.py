@@ -582,13 +582,15 @@ def forward(message):
 '''
 
 
-def forwarding_daemon(server_process, amqp_client, queue, target):
+def forwarding_daemon(server_process, amqp_client, queue, target,
+                      extra=''):
     """A daemon (not started) that answers each message of `queue` with
     one to `target`."""
     process = server_process(
         start=False, amount=1, handlers=FORWARD.format(
             queue=queue, target=target),
-        zcml='<utility component="handlers.forward" name="forward" />')
+        zcml='<utility component="handlers.forward" name="forward" />',
+        extra=extra)
     for suffix in ('', '.quarantine', '.retry', '.parked'):
         amqp_client.forget(queue + suffix)
     return process
@@ -647,17 +649,28 @@ def test_a_daemon_under_opentelemetry_instrument_continues_the_reply(
 
 @pytest.mark.slow
 def test_without_an_sdk_the_context_passes_through(
-        amqp_client, server_process, name_prefix):
-    # opentelemetry-api without a TracerProvider: no-op spans, which
-    # hand the incoming context on unchanged.
+        amqp_client, server_process, name_prefix, tmp_path):
+    # opentelemetry-api without a TracerProvider: no spans; the incoming
+    # context is passed on unchanged, and the handler's log lines name it.
     out = amqp_client.declare(f'{name_prefix}.out', [f'{name_prefix}.out'])
-    other = forwarding_daemon(server_process, amqp_client,
-                              f'{name_prefix}.mid', f'{name_prefix}.out')
+    json_log = tmp_path / 'handlers.json'
+    other = forwarding_daemon(
+        server_process, amqp_client, f'{name_prefix}.mid',
+        f'{name_prefix}.out', extra=(
+            '<logger>\n  name handlers\n  <logfile>\n'
+            f'    path {json_log}\n'
+            '    formatter gocept.amqprun.log.JSONFormatter\n'
+            '  </logfile>\n</logger>\n'))
     other.start()
     amqp_client.send(f'{name_prefix}.mid', b'x', {
-        'traceparent': TRACEPARENT, 'baggage': 'tenant=7'})
+        'traceparent': TRACEPARENT.encode(), 'baggage': 'tenant=7',
+        'references': 'earlier'})
     final = amqp_client.wait(out)
-    assert final.header.headers['traceparent'] == TRACEPARENT
-    assert final.header.headers['baggage'] == 'tenant=7'
+    headers = final.header.headers
+    assert headers['traceparent'] == TRACEPARENT
+    assert headers['baggage'] == 'tenant=7'
+    assert headers['references'].startswith('earlier\n')
     assert other.stop() == 0
-    assert 'pika instrumented: False' in other.log_text()
+    [line] = [json.loads(line) for line in json_log.read_text().splitlines()]
+    assert line['message'] == 'pika instrumented: False'
+    assert (line['trace_id'], line['span_id']) == (TRACE_ID, PARENT_ID)
