@@ -163,10 +163,11 @@ class ConsumerSpan:
 def enter(delivery):
     """Make the span of `delivery` the current one in this thread,
     starting it unless it has one (a delivery handed back to a worker to
-    be retried has); return the token for `leave`, or None when there is
-    nothing to trace: the delivery's channel is gone (it is only
-    dropped), or there is neither a TracerProvider nor an incoming
-    context (the API's no-op span would carry nothing)."""
+    be retried has) -- or, without a TracerProvider, note its headers to
+    pass its context on. Return the token for `leave`, or None when there
+    is nothing to trace: the delivery's channel is gone (it is only
+    dropped), or it has no context and the span would be the API's
+    no-op one."""
     consumer = delivery.span
     if consumer is None:
         if not delivery.current:
