@@ -366,7 +366,8 @@ def restore(token):
 def log_ids(record):
     """(trace id, span id) as hex strings for a log record, or None: the
     record's own ``trace_id`` and ``span_id`` (see `ids_of`), else those
-    of the span current where it was logged."""
+    of the span current where it was logged, else (passing on) those the
+    message being handled names."""
     trace_id = getattr(record, 'trace_id', None)
     if trace_id is not None:
         return trace_id, getattr(record, 'span_id', None)
