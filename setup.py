@@ -73,7 +73,7 @@ setup(
             # instrumentation. (Their releases pin each other's versions;
             # pip picks a set that fits.)
             'opentelemetry-api >= 1.20',
-            'opentelemetry-sdk >= 1.20',
+            'opentelemetry-sdk >= 1.27',
             'opentelemetry-distro >= 0.48b0',
             'opentelemetry-instrumentation-pika >= 0.48b0',
         ],

@@ -565,7 +565,7 @@ INSTRUMENT = pathlib.Path(sys.executable).parent / 'opentelemetry-instrument'
 FORWARD = '''\
 import logging
 
-import pika.connection
+import pika
 
 import gocept.amqprun.handler
 import gocept.amqprun.message
@@ -573,10 +573,12 @@ import gocept.amqprun.message
 
 @gocept.amqprun.handler.declare({queue!r}, {queue!r})
 def forward(message):
-    # opentelemetry-instrumentation-pika wraps this method (with wrapt).
+    # opentelemetry-instrumentation-pika wraps this method (with wrapt);
+    # recent versions (0.66b1) that of pika.connection.Connection, which
+    # the daemon's channels come from, too.
     logging.getLogger('handlers').info(
         'pika instrumented: %s',
-        hasattr(pika.connection.Connection.channel, '__wrapped__'))
+        hasattr(pika.BlockingConnection.channel, '__wrapped__'))
     return [gocept.amqprun.message.Message(
         {{}}, message.body, routing_key={target!r})]
 '''
