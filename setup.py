@@ -60,6 +60,9 @@ setup(
         # both. Not in 'test': ~170 MB with its own driver, useless
         # without a browser, and the test skips cleanly without it.
         'browser': ['playwright >= 1.40'],
+        # Traces through the daemon (`tracing`); the application brings
+        # the SDK and its exporter.
+        'otel': ['opentelemetry-api >= 1.20'],
         'test': [
             'pytest >= 7.0',
             'zope.security >= 6.0',
@@ -69,6 +72,15 @@ setup(
             # PostgreSQL for the outbox tests (SQLAlchemy 2's default
             # postgresql:// driver).
             'psycopg[binary] >= 3.1',
+            # tests/test_tracing.py: the SDK's in-memory exporter, the
+            # daemon under `opentelemetry-instrument` (the distro
+            # configures the SDK from OTEL_* variables) beside pika's own
+            # instrumentation. (Their releases pin each other's versions;
+            # pip picks a set that fits.)
+            'opentelemetry-api >= 1.20',
+            'opentelemetry-sdk >= 1.27',
+            'opentelemetry-distro >= 0.48b0',
+            'opentelemetry-instrumentation-pika >= 0.48b0',
         ],
     },
     entry_points={

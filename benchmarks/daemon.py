@@ -69,6 +69,30 @@ def echo(message):
 """
 
 
+# The handler module's set-up for tracing='sdk': OpenTelemetry's SDK as
+# the global TracerProvider with a batch processor and an exporter that
+# discards what it gets (the daemon's cost of tracing, not an exporter's).
+SDK_SETUP = """\
+from opentelemetry import trace as _trace
+from opentelemetry.sdk.trace import TracerProvider as _TracerProvider
+from opentelemetry.sdk.trace import export as _export
+
+
+class _Discard(_export.SpanExporter):
+
+    def export(self, spans):
+        return _export.SpanExportResult.SUCCESS
+
+
+_provider = _TracerProvider()
+_provider.add_span_processor(_export.BatchSpanProcessor(_Discard()))
+_trace.set_tracer_provider(_provider)
+"""
+
+# tracing='off': OpenTelemetry's variable names gocept.amqprun.
+OFF_ENVIRON = {'OTEL_PYTHON_DISABLED_INSTRUMENTATIONS': 'gocept.amqprun'}
+
+
 class Daemon:
     """The real daemon in a subprocess, with an echo handler.
 
@@ -80,16 +104,23 @@ class Daemon:
     handler's module); `zcml` are more directives (prefix amqp:).
     `baseline`: run the sources of the checkout `args.baseline`;
     `settings`: (key, value) pairs for its <worker> section.
+    `tracing`: None (as installed; with the ``otel`` extra and no
+    TracerProvider: the API's no-op spans), 'off' (switched off, as
+    without the extra) or 'sdk' (the SDK, spans discarded: `SDK_SETUP`).
     """
 
     def __init__(self, workload, args, workdir, sleep=0.0, confirm=False,
-                 setup='', work='', zcml='', baseline=False, settings=()):
+                 setup='', work='', zcml='', baseline=False, settings=(),
+                 tracing=None):
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix='daemon-',
                                                  dir=workdir))
         module = 'bench_' + uuid.uuid4().hex[:8]
         if sleep:
             setup, work = 'import time\n' + setup, \
                 f'    time.sleep({sleep})\n' + work
+        if tracing == 'sdk':
+            setup = SDK_SETUP + setup
+        self.environ = OFF_ENVIRON if tracing == 'off' else {}
         (self.dir / f'{module}.py').write_text(HANDLER.format(
             input=workload.input, input_key=workload.input_key,
             arguments=workload.arguments, output_key=workload.output_key,
@@ -114,7 +145,7 @@ class Daemon:
             if baseline else []
 
     def start(self, wrapper=()):
-        env = dict(os.environ)
+        env = dict(os.environ, **self.environ)
         env['PYTHONPATH'] = os.pathsep.join(
             [str(self.dir)] + self.source + [p for p in sys.path if p])
         self.output = open(self.dir / 'output.txt', 'wb')

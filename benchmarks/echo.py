@@ -30,6 +30,11 @@ Variants (interleaved, ROUNDS times; medians are printed):
            (prefetch 100): what the broker gives transactions
   raw-n    the same blocking thread without a transaction (publish and
            ack, prefetch 100): a plain pika consumer without tx
+  daemon-notrace, daemon-sdk
+           (only if asked for) `daemon` with tracing switched off (as
+           without the `otel` extra), and with OpenTelemetry's SDK (a
+           batch processor, spans discarded); `daemon` itself traces as
+           installed (opentelemetry-api without an SDK: no-op spans)
 
 Every consumer is a process of its own, so its CPU time (utime + stime) and
 peak RSS (VmHWM) come from /proc/<pid>; the broker's CPU comes from the
@@ -62,11 +67,13 @@ WORKDIR = None   # daemon directories go here (see main)
 
 
 def run_daemon(broker, args, meters, round_=0, confirm=False,
-               baseline=False, settings=()):
+               baseline=False, settings=(), tracing=None):
     workload = Workload(broker, args.messages, args.size,
-                        queue_type=args.queue_type)
+                        queue_type=args.queue_type,
+                        traceparent=args.traceparent)
     daemon = Daemon(workload, args, WORKDIR, confirm=confirm,
-                    baseline=baseline, settings=settings)
+                    baseline=baseline, settings=settings,
+                    tracing=tracing)
     spy = None
     if args.py_spy:
         spy = f'{args.py_spy}{"-confirm" if confirm else ""}-{round_ + 1}.txt'
@@ -85,7 +92,8 @@ def run_daemon(broker, args, meters, round_=0, confirm=False,
 
 def run_raw(mode, broker, args, meters):
     workload = Workload(broker, args.messages, args.size,
-                        queue_type=args.queue_type)
+                        queue_type=args.queue_type,
+                        traceparent=args.traceparent)
     raw = Raw(mode[0], workload, args)
     try:
         result = measure(raw, workload, meters, Raw.wait_ready)
@@ -214,6 +222,8 @@ def broker_in_tx(med):
 
 
 DAEMONS = ('daemon', 'daemon-confirm')
+# Daemon variants of tracing (transaction mode): Daemon's `tracing`.
+TRACING = {'daemon-notrace': 'off', 'daemon-sdk': 'sdk'}
 # The targets (K=8): the daemon's rate relative to a reference.
 TARGETS = {('daemon', 'raw-b'): 2, ('daemon', 'raw-g'): 0.9,
            ('daemon', 'daemon-confirm'): 0.9,
@@ -222,7 +232,8 @@ TARGETS = {('daemon', 'raw-b'): 2, ('daemon', 'raw-g'): 0.9,
 CPU_TARGETS = (('daemon', 'raw-b'), ('daemon-confirm', 'raw-n'),
                ('daemon-confirm', 'raw-c'))
 # The variants committing AMQP transactions.
-TX = ('daemon', 'daemon-baseline', 'raw-a', 'raw-b', 'raw-g')
+TX = ('daemon', 'daemon-baseline', 'daemon-notrace', 'daemon-sdk', 'raw-a',
+      'raw-b', 'raw-g')
 
 
 def main(argv=None):
@@ -238,6 +249,9 @@ def main(argv=None):
     parser.add_argument('--py-spy', metavar='PREFIX', default=None,
                         help='record each daemon run with py-spy into '
                         'PREFIX-<round>.txt (collapsed stacks, per thread)')
+    parser.add_argument('--traceparent', action='store_true',
+                        help='every input message carries a W3C '
+                        'traceparent header (a trace of its own)')
     parser.add_argument('--no-extras', action='store_true',
                         help='skip the SIGTERM and backlog measurements')
     parser.add_argument('--backlog', type=int, default=200000,
@@ -245,7 +259,7 @@ def main(argv=None):
                         '(0: skip)')
     parser.add_argument('--backlog-seconds', type=float, default=15)
     args = parser.parse_args(argv)
-    variants = chosen(parser, args, DAEMONS + (
+    variants = chosen(parser, args, DAEMONS + tuple(TRACING) + (
         'raw-a', 'raw-b', 'raw-c', 'raw-d', 'raw-e', 'raw-g', 'raw-n'))
     broker_pid = find_broker_pid(args.port)
     header(broker_pid)
@@ -257,7 +271,8 @@ def main(argv=None):
             return run_daemon(broker, args, meters, round_,
                               confirm=base.startswith('daemon-confirm'),
                               baseline=base.endswith('-baseline'),
-                              settings=variant_settings(name))
+                              settings=variant_settings(name),
+                              tracing=TRACING.get(base))
         return run_raw(name.split('-')[1], broker, args, meters)
 
     global WORKDIR

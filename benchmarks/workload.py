@@ -10,6 +10,7 @@ is left of this run's queues. All queue names of a run start with
 """
 
 import contextlib
+import os
 import subprocess
 import time
 import uuid
@@ -48,18 +49,24 @@ class Broker:
                     self.channel = self.connection.channel()
                 self.channel.queue_delete(name)
 
-    def prefill(self, name, key, count, size, message_ids=False):
+    def prefill(self, name, key, count, size, message_ids=False,
+                traceparent=False):
         """Publish `count` persistent messages to `name` via amq.topic
-        (with message-ids `<i.name@bench>` if `message_ids`)."""
+        (with message-ids `<i.name@bench>` if `message_ids`; with a
+        W3C ``traceparent`` header of a trace of its own each if
+        `traceparent`)."""
         body = b'x' * size
         props = pika.BasicProperties(
             delivery_mode=2, content_type='application/octet-stream')
         channel = self.connection.channel()
         for i in range(count):
-            if message_ids:
+            if message_ids or traceparent:
                 props = pika.BasicProperties(
                     delivery_mode=2, content_type=props.content_type,
-                    message_id=f'<{i}.{name}@bench>')
+                    message_id=f'<{i}.{name}@bench>' if message_ids
+                    else None,
+                    headers={'traceparent': random_traceparent()}
+                    if traceparent else None)
             channel.basic_publish('amq.topic', key, body, props)
             if i % 2000 == 1999:
                 self.connection.process_data_events(0)
@@ -76,6 +83,11 @@ class Broker:
     def close(self):
         with contextlib.suppress(Exception):
             self.connection.close()
+
+
+def random_traceparent():
+    """A W3C traceparent of a new (sampled) trace."""
+    return f'00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01'
 
 
 TAGS = []
@@ -108,10 +120,10 @@ def sweep_queues(broker):
 class Workload:
     """A fresh input and output queue of `queue_type` (classic or quorum;
     `arguments` are their x-arguments), pre-filled (with message-ids if
-    `message_ids`)."""
+    `message_ids`, a traceparent header each if `traceparent`)."""
 
     def __init__(self, broker, count, size, fill=True, message_ids=False,
-                 queue_type=None):
+                 queue_type=None, traceparent=False):
         tag = uuid.uuid4().hex[:10]
         TAGS.append(tag)
         self.broker = broker
@@ -125,7 +137,7 @@ class Workload:
         broker.declare(self.output, self.output_key, self.arguments)
         if fill:
             broker.prefill(self.input, self.input_key, count, size,
-                           message_ids)
+                           message_ids, traceparent)
 
     def replies(self):
         return self.broker.count(self.output)

@@ -43,12 +43,13 @@ class Delivery:
     """A received message as the IO thread hands it to a worker.
 
     queue: the queue of its handler; source: the queue it came from (the
-    same, or an auxiliary queue of it, see `retry`).
+    same, or an auxiliary queue of it, see `retry`). span: its
+    `tracing.ConsumerSpan` once a worker took it (while tracing).
     """
 
     __slots__ = ('slot', 'epoch', 'delivery_tag', 'routing_key', 'exchange',
                  'redelivered', 'header', 'body', 'queue', 'source', 'alone',
-                 'expected')
+                 'expected', 'span')
 
     def __init__(self, slot, epoch, delivery_tag, routing_key, exchange,
                  redelivered, header, body, queue, source=None):
@@ -66,6 +67,7 @@ class Delivery:
         self.alone = False
         # It came back for a reason this process saw (see `settlement`).
         self.expected = False
+        self.span = None
 
     def __repr__(self):
         return (f'<Delivery {self.header.message_id} from {self.source!r} '

@@ -11,6 +11,10 @@ collectors; use it in the configuration file::
         formatter gocept.amqprun.log.JSONFormatter
       </logfile>
     </eventlog>
+
+While tracing (`tracing`), both `JSONFormatter` and `TraceFormatter` (the
+plain format with the ids appended) name the trace and span a record
+was logged in.
 """
 
 import contextvars
@@ -20,6 +24,9 @@ import logging
 import threading
 import time
 
+import zope.exceptions.log
+
+from gocept.amqprun import tracing
 import gocept.amqprun.stats
 
 
@@ -70,8 +77,9 @@ class JSONFormatter(logging.Formatter):
     """One JSON object per line (newlines inside are escaped): ``time``
     (ISO 8601, local time with offset, milliseconds), ``level``,
     ``logger``, ``message``, ``thread``; ``message_id`` and ``queue``
-    when the record is about a message (see `message_of`); ``exception``
-    (the traceback) when there is one.
+    when the record is about a message (see `message_of`); ``trace_id``
+    and ``span_id`` when it was logged in a trace (`tracing.log_ids`);
+    ``exception`` (the traceback) when there is one.
 
     Takes the arguments of logging.Formatter (ZConfig passes its
     ``format`` and ``dateformat`` keys) and ignores them: the fields are
@@ -97,6 +105,9 @@ class JSONFormatter(logging.Formatter):
             entry['message_id'] = str(message_id)
         if queue is not None:
             entry['queue'] = str(queue)
+        ids = tracing.log_ids(record)
+        if ids is not None:
+            entry['trace_id'], entry['span_id'] = ids
         if record.exc_info:
             entry['exception'] = self.formatException(record.exc_info)
         elif record.exc_text:
@@ -104,6 +115,20 @@ class JSONFormatter(logging.Formatter):
         if record.stack_info:
             entry['stack'] = self.formatStack(record.stack_info)
         return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+class TraceFormatter(zope.exceptions.log.Formatter):
+    """zope.exceptions' formatter (the plain format of the configuration
+    file, tracebacks with their ``__traceback_info__``) that appends
+    `` trace_id=... span_id=...`` to the message of a record logged in a
+    trace (see `JSONFormatter`)."""
+
+    def formatMessage(self, record):
+        text = super().formatMessage(record)
+        ids = tracing.log_ids(record)
+        if ids is None:
+            return text
+        return f'{text} trace_id={ids[0]} span_id={ids[1]}'
 
 
 class Progress:

@@ -6,6 +6,7 @@ import time
 import transaction
 import zope.component
 import zope.interface
+from gocept.amqprun import tracing
 import gocept.amqprun.connection
 import gocept.amqprun.dispatch
 import gocept.amqprun.errors
@@ -198,9 +199,12 @@ class Server:
                     f'Cannot prepare {self.outbox!r}: {e}') from e
         for worker in self.workers:
             worker.start()
+        # This thread becomes the IO thread (see `tracing.serving`).
+        quiet = tracing.serving() if tracing.ACTIVE else None
         try:
             self.connection.run()
         finally:
+            tracing.restore(quiet)
             self.dispatcher.close()
             self._join_workers(timeout=0)
         if self._failure is not None:

@@ -55,6 +55,7 @@ import time
 import transaction.interfaces
 import zope.interface
 
+from gocept.amqprun import tracing
 from gocept.amqprun.errors import ChannelLost
 from gocept.amqprun.errors import CommitInDoubt
 from gocept.amqprun.errors import ConnectionUnavailable
@@ -146,6 +147,8 @@ class Session:
                 header.headers['references'] = (
                     f'{references}\n{parent.message_id}' if references
                     else parent.message_id)
+        if tracing.ACTIVE:
+            tracing.sending(message)
         self.messages.append(message)
 
     # IDataManager
@@ -194,6 +197,8 @@ class Session:
         if not waits:
             # Nothing happens after this commit: the worker goes on, the
             # IO thread settles the accounts when the broker answered.
+            if tracing.ACTIVE:
+                tracing.handed_over(delivery)
             slot.commit(delivery.epoch, publishes, ack=delivery.delivery_tag,
                         alone=delivery.alone, wait=False,
                         callback=self._committed)
@@ -221,6 +226,8 @@ class Session:
     def _ack_last(self, status):
         delivery = self.delivery
         if status and delivery.current:
+            if tracing.ACTIVE:
+                tracing.handed_over(delivery)
             delivery.slot.commit(delivery.epoch, ack=delivery.delivery_tag,
                                  wait=False, callback=self._committed)
 

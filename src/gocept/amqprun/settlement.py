@@ -30,6 +30,7 @@ import hashlib
 import logging
 import threading
 
+from gocept.amqprun import tracing
 import gocept.amqprun.errors
 import gocept.amqprun.retry
 
@@ -113,6 +114,8 @@ class Settlement:
 
     def failed(self, delivery, error, park=False):
         """Settle a failed delivery as the retry policy says."""
+        if tracing.ACTIVE:
+            tracing.failed(delivery, error)
         self.commit(delivery, self.retry_policy.decide(
             delivery, error, park=park))
 
@@ -125,7 +128,10 @@ class Settlement:
             log.warning('Message %s from queue %r: its channel is gone; the '
                         'broker redelivers it.', message_id, delivery.queue,
                         extra=about(delivery))
+            tracing.end(delivery, 'requeued')
             return
+        if tracing.ACTIVE:
+            tracing.publishing(decision.publishes)
         try:
             delivery.slot.commit(
                 delivery.epoch, decision.publishes,
@@ -137,11 +143,13 @@ class Settlement:
                         'the broker either has it or redelivers the message.',
                         message_id, delivery.queue, decision.description, e,
                         extra=about(delivery))
+            tracing.end(delivery, 'in_doubt', e)
         except gocept.amqprun.errors.AMQPError as e:
             log.warning('Message %s from queue %r: could not commit its %s '
                         '(%s); the broker redelivers it.', message_id,
                         delivery.queue, decision.description, e,
                         extra=about(delivery))
+            tracing.end(delivery, 'requeued', e)
         else:
             self.stats.message(delivery.queue, decision.outcome)
             level = logging.ERROR if decision.outcome == 'parked' \
@@ -149,6 +157,7 @@ class Settlement:
             log.log(level, 'Message %s from queue %r: %s.', message_id,
                     delivery.queue, decision.description,
                     extra=about(delivery))
+            tracing.end(delivery, decision.outcome)
 
     # Worker threads (a commit waited for) or the IO thread (not waited
     # for).
@@ -159,6 +168,8 @@ class Settlement:
         stats = self.stats
         if error is None:
             stats.committed(delivery.queue, seconds)
+            if tracing.ACTIVE:
+                tracing.end(delivery, 'handled')
             return
         message_id = delivery.header.message_id
         if isinstance(error, gocept.amqprun.errors.CommitInDoubt):
@@ -167,6 +178,7 @@ class Settlement:
                         'broker either committed its ACK and messages or '
                         'redelivers it.', message_id, delivery.queue, error,
                         extra=about(delivery))
+            tracing.end(delivery, 'in_doubt', error)
             return
         refused = getattr(error, 'refused', False)
         if refused and not error.shared:
@@ -183,10 +195,12 @@ class Settlement:
                         'together with others\' (%s); the broker redelivers '
                         'it, to be committed alone.', message_id,
                         delivery.queue, error, extra=about(delivery))
+            tracing.end(delivery, 'requeued', error)
         else:
             log.warning('Message %s from queue %r: its commit failed (%s); '
                         'the broker redelivers it.', message_id,
                         delivery.queue, error, extra=about(delivery))
+            tracing.end(delivery, 'requeued', error)
 
     # The IO thread
 
@@ -218,9 +232,10 @@ class Settlement:
 
 
 def about(delivery):
-    """The `extra` of a log record about `delivery` (see `log`)."""
+    """The `extra` of a log record about `delivery` (see `log`; with
+    its trace and span id while tracing)."""
     return {'message_id': delivery.header.message_id,
-            'queue': delivery.queue}
+            'queue': delivery.queue, **tracing.ids_of(delivery)}
 
 
 class Refusals:

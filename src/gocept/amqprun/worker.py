@@ -18,6 +18,7 @@ import time
 
 import transaction
 
+from gocept.amqprun import tracing
 import gocept.amqprun.errors
 import gocept.amqprun.log
 import gocept.amqprun.message
@@ -81,6 +82,7 @@ class Worker(threading.Thread):
             retry = isinstance(item, gocept.amqprun.settlement.Retry)
             delivery = item.delivery if retry else item
             self.current = (delivery, time.monotonic())
+            traced = tracing.enter(delivery) if tracing.ACTIVE else None
             try:
                 with gocept.amqprun.log.handling(
                         delivery.header.message_id, delivery.queue):
@@ -94,6 +96,8 @@ class Worker(threading.Thread):
                 log.exception('Unexpected error in %s', self.name)
             finally:
                 self.current = None
+                if traced is not None:
+                    tracing.leave(delivery, traced)
             self.prune_outbox()
 
     def process(self, delivery):

@@ -65,13 +65,18 @@ class ServerProcess:
     def config(self):
         return self.directory / 'server.conf'
 
-    def start(self, wait=True, timeout=30):
+    def start(self, wait=True, timeout=30, wrapper=(), environ=None):
+        """Start the daemon; with `wait`, until it consumes. `wrapper`: a
+        command line that runs the daemon's (``opentelemetry-instrument``,
+        say); `environ`: more environment variables."""
         env = dict(os.environ)
+        env.update(environ or {})
         env['PYTHONPATH'] = os.pathsep.join(
             [str(self.directory)] + sys.path)
         self.output = open(self.directory / 'output.txt', 'ab')
         self.process = subprocess.Popen(
-            [sys.executable, '-m', 'gocept.amqprun', str(self.config)],
+            list(wrapper)
+            + [sys.executable, '-m', 'gocept.amqprun', str(self.config)],
             cwd=self.directory, env=env, stdout=self.output,
             stderr=subprocess.STDOUT)
         if wait:

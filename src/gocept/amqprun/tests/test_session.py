@@ -88,6 +88,7 @@ class StubDelivery:
         self.queue = 'q'
         self.alone = False
         self.header = gocept.amqprun.message.Header(message_id='<in@test>')
+        self.span = None        # not traced
 
     @property
     def current(self):
