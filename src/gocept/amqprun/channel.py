@@ -25,6 +25,7 @@ killed a process when they come back (see `settlement`).
 
 import functools
 import logging
+import threading
 
 import pika.exceptions
 
@@ -346,3 +347,42 @@ class Slot:
             function()
         else:
             self.commits.control(function)
+
+
+class Senders:
+    """The sender slots of a connection: a thread that sends outside a
+    handler takes one for its commit (`acquire`) and gives it back
+    (`release`); thread-safe. A slot made here opens its channel in the
+    IO thread, once the connection is up."""
+
+    def __init__(self, connection):
+        self.connection = connection
+        self._slots = []
+        self._free = []
+        self._lock = threading.Lock()
+
+    def acquire(self):
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            slot = Slot(self.connection, f'sender-{len(self._slots)}')
+            self._slots.append(slot)
+        self.connection.call(self._open, slot)
+        return slot
+
+    def release(self, slot):
+        with self._lock:
+            self._free.append(slot)
+
+    def all(self):
+        """Every sender slot made so far."""
+        with self._lock:
+            return list(self._slots)
+
+    @staticmethod
+    def _open(slot):
+        # IO thread: a slot made while connected opens now; one made before
+        # opens with the others when the connection is up.
+        if slot.connection.connected and slot.channel is None \
+                and not slot.opening:
+            slot.new_channel()

@@ -8,13 +8,14 @@ thread calls pika. Other threads use only the methods marked *thread-safe*
 (here and in `channel`): they hand work to the IO thread with
 `Connection.call`, which wakes the IO loop through pika's one thread-safe
 entry (``add_callback_threadsafe``), and, where they need the outcome,
-wait for an `outcome.Outcome` that the IO thread resolves (`calls`). Handlers never
-run in the IO thread, so heartbeats flow while a handler works. Every
-method not marked thread-safe runs in the IO thread.
+wait for an `outcome.Outcome` that the IO thread resolves (`calls`).
+Handlers never run in the IO thread, so heartbeats flow while a handler
+works. Every method not marked thread-safe runs in the IO thread.
 
-Besides the IO thread, pika is used only by `inspection` (a blocking
-connection of its own for the check command) and the test client in
-`testing`.
+Besides the IO thread, pika is used by tools with blocking connections
+of their own, each used by one thread: `inspection` (``check``),
+`parked` (``server parked``, ``/parked``), `depths` (the monitor's queue
+depths) and the test client of `testing`.
 
 `Parameters` is importable from here as it was in 0.x (its home is
 `parameters`).
@@ -38,6 +39,7 @@ from gocept.amqprun.errors import reason
 from gocept.amqprun.parameters import Parameters  # noqa: F401 (0.x API)
 from gocept.amqprun.parameters import safe_url
 import gocept.amqprun.calls
+import gocept.amqprun.channel
 import gocept.amqprun.declaration
 import gocept.amqprun.errors
 import gocept.amqprun.topology
@@ -81,9 +83,7 @@ class Connection:
         self.consumer_slots = [
             Slot(self, f'consumer-{i}', on_delivery)
             for i in range(consumers)]
-        self._sender_slots = []
-        self._free_senders = []
-        self._sender_lock = threading.Lock()
+        self.senders = gocept.amqprun.channel.Senders(self)
         self._ready = threading.Event()
         self._connected = threading.Event()
         self._stopped = threading.Event()
@@ -151,20 +151,13 @@ class Connection:
         return self._connected.wait(timeout)
 
     def acquire_sender(self):
-        """Return a sender Slot for the caller's exclusive use until
-        `release_sender`; thread-safe."""
-        with self._sender_lock:
-            if self._free_senders:
-                return self._free_senders.pop()
-            slot = Slot(self, f'sender-{len(self._sender_slots)}')
-            self._sender_slots.append(slot)
-        self.call(self._open_sender, slot)
-        return slot
+        """A sender Slot for the caller's exclusive use until
+        `release_sender` (`channel.Senders`); thread-safe."""
+        return self.senders.acquire()
 
     def release_sender(self, slot):
         """Give back a slot of `acquire_sender`; thread-safe."""
-        with self._sender_lock:
-            self._free_senders.append(slot)
+        self.senders.release(slot)
 
     def cancel_consumers(self, timeout=10):
         """Stop all deliveries; return when the broker confirmed (or the
@@ -368,10 +361,6 @@ class Connection:
             except Exception:
                 log.exception('Error in on_ready callback')
 
-    def _open_sender(self, slot):
-        if self._pika_open() and slot.channel is None and not slot.opening:
-            slot.new_channel()
-
     def consumption(self, slot, queues=None):
         """[(prefetch or None, [queues])] that consumer `slot` consumes of
         `queues` (default: all declared; see `topology.consumption`)."""
@@ -423,9 +412,7 @@ class Connection:
             f'{slot}: the broker cancelled consuming (queue deleted?)')
 
     def _all_slots(self):
-        with self._sender_lock:
-            senders = list(self._sender_slots)
-        return self.consumer_slots + senders
+        return self.consumer_slots + self.senders.all()
 
     def _cancel_consumers(self, done):
         slots = [s for s in self.consumer_slots if s.consumer_tags]

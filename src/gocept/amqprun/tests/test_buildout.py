@@ -22,15 +22,16 @@ IGNORE = shutil.ignore_patterns(
     'benchmarks')
 
 
-def run(args, cwd, timeout=600):
-    """Run a command; return the CompletedProcess (output as text)."""
+def run(args, cwd, timeout=600, **kw):
+    """Run a command; return the CompletedProcess (output as text).
+    `kw` go to subprocess.run."""
     env = {k: v for k, v in os.environ.items()
            if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
     print('$', ' '.join(str(a) for a in args))
     start = time.monotonic()
     result = subprocess.run(
         [str(a) for a in args], cwd=cwd, env=env, capture_output=True,
-        text=True, timeout=timeout)
+        text=True, timeout=timeout, **kw)
     print(f'  exit {result.returncode} after '
           f'{time.monotonic() - start:.1f} s')
     return result

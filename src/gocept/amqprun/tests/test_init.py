@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import time
 
 import pytest
 import ZConfig
@@ -19,6 +18,7 @@ import zdaemon
 import gocept.amqprun.cli
 import gocept.amqprun.config
 import gocept.amqprun.testing
+import gocept.amqprun.tests.test_buildout
 
 
 def init(capsys, *args):
@@ -131,22 +131,10 @@ def test_refuses_a_path_zdaemon_cannot_run(tmp_path, capsys):
 # End to end: a new project in a virtualenv of its own.
 
 def run(args, cwd, timeout=120, **kw):
-    """Run a command; return the CompletedProcess (output as text)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
-    print('$', ' '.join(str(a) for a in args))
-    start = time.monotonic()
-    result = subprocess.run(
-        [str(a) for a in args], cwd=cwd, env=env, capture_output=True,
-        text=True, timeout=timeout, **kw)
-    print(f'  exit {result.returncode} after '
-          f'{time.monotonic() - start:.1f} s')
-    return result
+    return gocept.amqprun.tests.test_buildout.run(args, cwd, timeout, **kw)
 
 
-def ok(result):
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
+ok = gocept.amqprun.tests.test_buildout.ok
 
 
 def project_venv(directory):
