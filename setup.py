@@ -63,6 +63,14 @@ setup(
         # Traces through the daemon (`tracing`); the application brings
         # the SDK and its exporter.
         'otel': ['opentelemetry-api >= 1.20'],
+        # `make docs`: the Sphinx site in docs/ (its reference is
+        # generated from schema.xml, meta.zcml, the argparse parsers, the
+        # metrics table and the docstrings).
+        'docs': [
+            'Sphinx >= 7.0',
+            'furo >= 2024.1.29',
+            'repoze.sphinx.autointerface >= 1.0',
+        ],
         'test': [
             'pytest >= 7.0',
             'zope.security >= 6.0',
