@@ -23,6 +23,9 @@ extensions = [
     'sphinx.ext.autodoc',
     'sphinx.ext.viewcode',
     'repoze.sphinx.autointerface',
+    # Ours (docs/_ext/): the reference generated from the sources.
+    'configref',
+    'zcmlref',
 ]
 
 exclude_patterns = ['_build']
