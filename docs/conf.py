@@ -26,6 +26,8 @@ extensions = [
     # Ours (docs/_ext/): the reference generated from the sources.
     'configref',
     'zcmlref',
+    'cliref',
+    'metricsref',
 ]
 
 exclude_patterns = ['_build']
