@@ -23,7 +23,10 @@ extensions = [
     'sphinx.ext.autodoc',
     'sphinx.ext.viewcode',
     'repoze.sphinx.autointerface',
-    # Ours (docs/_ext/): the reference generated from the sources.
+    # Ours (docs/_ext/): the docstrings' convention as reST, and the
+    # reference generated from the sources.
+    'docstrings',
+    'interfacesref',
     'configref',
     'zcmlref',
     'cliref',
@@ -38,7 +41,6 @@ nitpicky = False
 
 autodoc_member_order = 'bysource'
 autodoc_default_options = {
-    'members': True,
     'show-inheritance': True,
 }
 # Signatures as written; the project does not annotate types.

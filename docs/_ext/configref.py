@@ -130,11 +130,14 @@ def concrete_types(info):
     return [sectiontype.name]
 
 
-def key_lines(schema, section, name, info):
+def key_lines(schema, section, name, info, in_contents=True):
     shown = 'KEY' if name == '+' else name
     note = key_note(schema, section, name, info)
-    lines = [f'   .. configkey:: {section} {shown} ({note})', '']
-    return lines + indent(info.description, '      ') + ['']
+    lines = [f'   .. configkey:: {section} {shown} ({note})']
+    if not in_contents:
+        # The page's table of contents names the section only.
+        lines.append('      :no-contents-entry:')
+    return lines + [''] + indent(info.description, '      ') + ['']
 
 
 def nested_section_lines(schema, name):
@@ -143,7 +146,7 @@ def nested_section_lines(schema, name):
     lines = [f'.. configsection:: {name}', '']
     lines += indent(sectiontype.description) + ['']
     for key, key_info in sectiontype:
-        lines += key_lines(schema, name, key, key_info)
+        lines += key_lines(schema, name, key, key_info, in_contents=False)
     return lines
 
 

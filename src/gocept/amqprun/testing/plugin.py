@@ -84,7 +84,8 @@ def zca():
 
 @pytest.fixture
 def server_process(tmp_path, amqp_parameters):
-    """A factory of started `ServerProcess`es, all stopped afterwards.
+    """A factory of started `ServerProcess` objects, all stopped
+    afterwards.
 
     `parameters` (default: the test broker's) and the keywords of
     ServerProcess configure it; `start=False` leaves it unstarted."""
