@@ -6,8 +6,9 @@ An object type registered with `add_object_type` is a directive of the
 ``std`` domain, ``.. TYPE:: NAME (NOTE)``: it shows the last word of NAME
 (or what its `show` makes of NAME) in bold, NOTE after it, and registers
 NAME (e.g. ``worker retries``) so that ``:TYPE:`NAME``` (or ``:TYPE:`text
-<NAME>```) links to it from any page. tests/test_docs.py reads these registrations from the
-built environment to check that nothing of the sources is missing.
+<NAME>```) links to it from any page. tests/test_docs.py reads these
+registrations from the built environment to check that nothing of the
+sources is missing.
 """
 
 import re

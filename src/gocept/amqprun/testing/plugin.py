@@ -18,6 +18,8 @@ from gocept.amqprun.testing.process import ServerProcess
 
 
 def unique_name(prefix='test'):
+    """`prefix`, a dot and random hex digits: a name no other test run
+    uses."""
     return f'{prefix}.{uuid.uuid4().hex[:12]}'
 
 
