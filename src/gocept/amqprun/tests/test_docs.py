@@ -125,21 +125,47 @@ def test_reference_names_every_section_and_key_of_schema_xml(docs):
     assert docs.missing('configkey', keys) == []
 
 
-def test_reference_names_every_zcml_directive_and_attribute(docs):
-    directives, attributes = [], []
+def test_every_key_of_schema_xml_has_a_description():
+    # The reference shows them; a key without one tells the reader
+    # nothing but its name.
+    undescribed = [
+        f'<{sectiontype.get("name")}> {key.get("name")}'
+        for sectiontype in package_xml('schema.xml').iter('sectiontype')
+        for key in sectiontype.iter('key')
+        if not (key.findtext('description') or '').strip()]
+    assert undescribed == []
+
+
+def zcml_directives():
+    """{name: schema interface} of the directives meta.zcml declares."""
+    result = {}
     for group in package_xml('meta.zcml').iter(f'{META}directives'):
         prefix = PREFIX[group.get('namespace')]
         for directive in group.iter(f'{META}directive'):
-            name = f'{prefix}:{directive.get("name")}'
-            directives.append(name)
             module, _, schema = ('gocept.amqprun' + directive.get(
                 'schema')).rpartition('.')
-            schema = getattr(importlib.import_module(module), schema)
-            attributes += [f'{name} {attribute}' for attribute
-                           in zope.schema.getFieldNamesInOrder(schema)]
-    assert directives == [
+            result[f'{prefix}:{directive.get("name")}'] = getattr(
+                importlib.import_module(module), schema)
+    return result
+
+
+def test_every_zcml_directive_and_attribute_is_described():
+    directives = zcml_directives()
+    assert [n for n, schema in directives.items() if not schema.__doc__] \
+        == []
+    assert [f'{n} {a}' for n, schema in directives.items()
+            for a, field in zope.schema.getFieldsInOrder(schema)
+            if not field.title] == []
+
+
+def test_reference_names_every_zcml_directive_and_attribute(docs):
+    directives = zcml_directives()
+    attributes = [f'{name} {attribute}'
+                  for name, schema in directives.items()
+                  for attribute in zope.schema.getFieldNamesInOrder(schema)]
+    assert list(directives) == [
         'amqp:writefiles', 'amqp:readfiles', 'amqp:outbox']
-    assert docs.missing('zcmldirective', directives) == []
+    assert docs.missing('zcmldirective', list(directives)) == []
     assert docs.missing('zcmlattribute', attributes) == []
 
 
