@@ -10,6 +10,8 @@
 #   make start / status / stop   the example daemon under zdaemon (var/)
 #   make check    check etc/server.conf against the broker
 #   make buildout the buildout deployment (bin/server, bin/serverctl)
+#   make docs     the documentation (docs/) as HTML in docs/_build/html;
+#                 Sphinx warnings are errors
 
 PYTHON ?= python3
 VENV = .venv
@@ -20,7 +22,8 @@ PYENV_ROOT ?= $(HOME)/.pyenv
 PYENV_VERSIONS = $(PYENV_ROOT)/versions/3.1[1-3].*
 PYENV_PYTHONS = $(wildcard $(PYENV_VERSIONS)/bin/python3.1[1-3])
 
-.PHONY: venv install run start status stop check test tox buildout clean
+.PHONY: venv install run start status stop check test tox buildout docs \
+	clean
 
 venv: $(VENV)/bin/python
 
@@ -62,5 +65,15 @@ buildout: $(VENV)/bin/python
 	$(VENV)/bin/pip install zc.buildout
 	$(VENV)/bin/buildout
 
+# The test extra too: `make docs` must not take away what `make test`
+# needs (pip leaves installed packages alone, so this only adds).
+$(VENV)/.installed-docs: $(VENV)/.installed setup.py
+	$(VENV)/bin/pip install -e '.[test,docs]'
+	touch $@
+
+docs: $(VENV)/.installed-docs
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) .tox bin parts develop-eggs eggs .installed.cfg var
+	rm -rf $(VENV) .tox bin parts develop-eggs eggs .installed.cfg var \
+		docs/_build

@@ -63,6 +63,15 @@ setup(
         # Traces through the daemon (`tracing`); the application brings
         # the SDK and its exporter.
         'otel': ['opentelemetry-api >= 1.20'],
+        # `make docs`: the Sphinx site in docs/ (its reference is
+        # generated from schema.xml, meta.zcml, the argparse parsers, the
+        # metrics table and the docstrings). Sphinx 7.2: the
+        # no-contents-entry option of object descriptions.
+        'docs': [
+            'Sphinx >= 7.2',
+            'furo >= 2024.1.29',
+            'repoze.sphinx.autointerface >= 1.1',
+        ],
         'test': [
             'pytest >= 7.0',
             'zope.security >= 6.0',

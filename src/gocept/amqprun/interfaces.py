@@ -9,12 +9,17 @@ import zope.interface
 import zope.interface.common.mapping
 
 
-# Exit codes of the `server` command (and its `check`), the contract with
-# process supervisors (zdaemon, systemd): restart after 1, not after 0 or 2.
+# Exit codes of the `server` command and its subcommands, the contract
+# with process supervisors (zdaemon, systemd): restart after 1, not after
+# 0 or 2.
+
+#: Stopped by SIGTERM or SIGINT; a subcommand: done, nothing wrong.
 EXIT_OK = 0
-EXIT_FAILURE = 1     # a failure at run time, SIGUSR1, or problems found
-EXIT_CONFIG = 2      # the configuration or the command line is wrong, or
-                     # the broker refused it at start-up (errors.Refused)
+#: A failure at run time, SIGUSR1, or problems found: restart.
+EXIT_FAILURE = 1
+#: The configuration or the command line is wrong, or the broker refused
+#: it at start-up (`errors.Refused`): do not restart.
+EXIT_CONFIG = 2
 
 
 class IMessage(zope.interface.Interface):

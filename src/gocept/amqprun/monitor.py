@@ -21,10 +21,10 @@ import threading
 import urllib.parse
 
 import prometheus_client
-import prometheus_client.core
 import prometheus_client.utils
 
 import gocept.amqprun.depths
+import gocept.amqprun.metrics
 import gocept.amqprun.parkedhttp
 import gocept.amqprun.retry
 import gocept.amqprun.stats
@@ -94,7 +94,8 @@ def _json(status, data, headers=()):
 
 class Collector:
     """A prometheus_client collector of one Server's counters (and, with
-    `depths` (a `depths.QueueDepths`), of its queues' depths).
+    `depths` (a `depths.QueueDepths`), of its queues' depths): the
+    metrics of `metrics.METRICS`.
 
     Every (queue, outcome) counted is exported, and 0 for the standard
     outcomes (handled, retried, parked) of every handler queue.
@@ -105,13 +106,9 @@ class Collector:
         self.depths = depths
 
     def collect(self):
-        core = prometheus_client.core
+        family = gocept.amqprun.metrics.family
         snapshot = self.server.stats.snapshot()
-        messages = core.CounterMetricFamily(
-            'amqprun_messages', 'Messages settled, by queue and outcome '
-            '(handled: its transaction committed; retried: failed and '
-            'sent to be tried again; parked: failed for the last time).',
-            labels=['queue', 'outcome'])
+        messages = family('amqprun_messages')
         counts = dict.fromkeys(
             ((queue, outcome) for queue in self.server.handlers
              for outcome in gocept.amqprun.stats.OUTCOMES), 0)
@@ -119,57 +116,33 @@ class Collector:
         for (queue, outcome), count in sorted(counts.items()):
             messages.add_metric([queue, outcome], count)
         yield messages
-        handler = core.HistogramMetricFamily(
-            'amqprun_handler_seconds', 'Duration of handler calls (failed '
-            'ones too), by queue.', labels=['queue'])
+        handler = family('amqprun_handler_seconds')
         times = dict.fromkeys(
             self.server.handlers, gocept.amqprun.stats.Histogram())
         times.update(snapshot['handler_seconds'])
         for queue, histogram in sorted(times.items()):
             handler.add_metric([queue], *_buckets(histogram))
         yield handler
-        commit = core.HistogramMetricFamily(
-            'amqprun_commit_seconds',
-            'Duration of the commits of handled messages.')
+        commit = family('amqprun_commit_seconds')
         commit.add_metric([], *_buckets(snapshot['commit_seconds']))
         yield commit
-        yield core.GaugeMetricFamily(
-            'amqprun_in_flight', 'Messages being handled now.',
-            value=snapshot['in_flight'])
-        yield core.GaugeMetricFamily(
-            'amqprun_oldest_handling_seconds', 'How long the longest '
-            'running handling has run so far (0 when all workers idle).',
+        yield family('amqprun_in_flight', value=snapshot['in_flight'])
+        yield family(
+            'amqprun_oldest_handling_seconds',
             value=gocept.amqprun.watchdog.oldest_handling(
                 self.server.activity()))
-        yield core.GaugeMetricFamily(
-            'amqprun_connected', '1 while connected to the broker, else 0.',
-            value=int(self.server.connected))
-        yield core.GaugeMetricFamily(
-            'amqprun_ready', '1 while connected and consuming every '
-            'handler queue, else 0.', value=int(self.server.running))
-        yield core.CounterMetricFamily(
-            'amqprun_reconnects', 'Connections re-established after a loss.',
-            value=snapshot['reconnects'])
-        yield core.CounterMetricFamily(
-            'amqprun_transactions', 'AMQP transactions the broker '
-            'committed; a group commit holds the commits of several '
-            'messages (handled / transactions is the mean group).',
-            value=snapshot['transactions'])
-        yield core.CounterMetricFamily(
-            'amqprun_commits_in_doubt', 'Commits whose outcome is unknown '
-            '(the connection died after Tx.Commit was sent).',
-            value=snapshot['commits_in_doubt'])
+        yield family('amqprun_connected', value=int(self.server.connected))
+        yield family('amqprun_ready', value=int(self.server.running))
+        yield family('amqprun_reconnects', value=snapshot['reconnects'])
+        yield family('amqprun_transactions', value=snapshot['transactions'])
+        yield family('amqprun_commits_in_doubt',
+                     value=snapshot['commits_in_doubt'])
         yield from self._depths()
 
     def _depths(self):
         depths = self.depths.snapshot() if self.depths else {}
-        queued = prometheus_client.core.GaugeMetricFamily(
-            'amqprun_queue_messages', 'Messages ready in a handler queue, '
-            'as the broker counted them at most a few seconds ago.',
-            labels=['queue'])
-        parked = prometheus_client.core.GaugeMetricFamily(
-            'amqprun_parked_messages', 'Messages in the parked queue of a '
-            'handler queue, as the broker counted them.', labels=['queue'])
+        queued = gocept.amqprun.metrics.family('amqprun_queue_messages')
+        parked = gocept.amqprun.metrics.family('amqprun_parked_messages')
         for queue, depth in sorted(depths.items()):
             queued.add_metric([queue], depth.messages)
             if depth.parked is not None:

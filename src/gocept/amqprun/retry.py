@@ -65,10 +65,12 @@ def retry_queue(queue_name, delay=None):
 
 
 def parked_queue(queue_name):
+    """The parked queue of `queue_name`."""
     return f'{queue_name}.parked'
 
 
 def quarantine_queue(queue_name):
+    """The quarantine queue of `queue_name`."""
     return f'{queue_name}.quarantine'
 
 

@@ -45,19 +45,33 @@ _argument = re.compile(r'([^\s=:]+)\s*[=:]\s*(\S+)')
 
 
 class IWriteFilesDirective(zope.interface.Interface):
+    """Store every message of a queue as files: the body, and beside
+    it a header file with the AMQP properties as JSON (a handler, the
+    named `IHandler` utility ``gocept.amqprun.writefiles.QUEUE``; see
+    `gocept.amqprun.writefiles`). The files are in place before the
+    message is ACKed."""
 
     queue_name = zope.schema.TextLine(
         title='The queue to consume (declared durable).')
     routing_key = zope.configuration.fields.Tokens(
         title='Routing keys bound to the queue on amq.topic.',
+        description='One or more, separated by whitespace.',
         value_type=zope.schema.TextLine())
     directory = zope.configuration.fields.Path(
         title='The directory to write to (created if missing).')
     pattern = zope.schema.TextLine(
         title='string.Template of the body file path below directory.',
+        description='Default: ``${routing_key}-${unique}``. Variables: '
+        '``date``, ``msgid``, ``routing_key``, ``unique`` (unique in its '
+        'directory) and every application header (lower-cased, letters, '
+        'digits and _ only); ``{name}`` may be written for ``${name}``. '
+        'Slashes make subdirectories.',
         required=False)
     arguments = zope.schema.Text(
         title='Queue arguments, one "key = value" per line.',
+        description='Pairs separated by whitespace or newlines; values '
+        'are single words. Integers become int, true/false bool (see '
+        '`parse_arguments`). Default: none.',
         required=False)
 
 
@@ -80,16 +94,24 @@ def writefiles(_context, queue_name, routing_key, directory, pattern=None,
 
 
 class IReadFilesDirective(zope.interface.Interface):
+    """Publish the files put into a Maildir's ``new/`` (each in a
+    transaction of its own; moved to ``cur/`` after the AMQP commit),
+    with the header ``X-Filename``; see `gocept.amqprun.readfiles`.
+    Needs the extra ``readfiles``."""
 
     directory = zope.configuration.fields.Path(
-        title='The Maildir to read (new/, cur/, tmp/ created if missing).')
+        title='The Maildir to read (new/, cur/, tmp/ created if missing).',
+        description='Two readfiles for one directory are a configuration '
+        'conflict.')
     routing_key = zope.schema.TextLine(
         title='The routing key to publish with on amq.topic.')
     content_type = zope.schema.TextLine(
-        title='The content type of the messages.', required=False)
+        title='The content type of the messages.',
+        description='Default: ``application/octet-stream``.',
+        required=False)
     poll_interval = zope.schema.Float(
-        title='Seconds between two looks into new/.', required=False,
-        min=0.01)
+        title='Seconds between two looks into new/.',
+        description='Default: 1.', required=False, min=0.01)
 
 
 def readfiles(_context, directory, routing_key, content_type=None,
@@ -113,18 +135,32 @@ def readfiles(_context, directory, routing_key, content_type=None,
 
 
 class IOutboxDirective(zope.interface.Interface):
+    """Exactly-once SQL effects: record every handled message's id and
+    the messages its transaction sends in the handler's own database
+    transaction (the `IOutbox` utility, see `gocept.amqprun.outbox`). A
+    message whose id is recorded is not handled again; its recorded
+    messages are sent again. Needs the extra ``sql``."""
 
     session = zope.configuration.fields.GlobalObject(
         title='The SQLAlchemy session of the handlers (a scoped_session, '
-              'registered with zope.sqlalchemy).')
+              'registered with zope.sqlalchemy).',
+        description='The dotted name of a callable that returns the '
+        "thread's session.")
     queues = zope.configuration.fields.Tokens(
         title='The queues whose handlers use it (default: all).',
+        description='Separated by whitespace.',
         value_type=zope.schema.TextLine(), required=False)
     retention = zope.schema.TextLine(
         title='How long handled message ids are kept (90s, 15m, 12h, 7d).',
+        description='Default: ``7d``. Older records are deleted, at most '
+        'once an hour; a duplicate arriving later is handled again.',
         required=False)
     create_tables = zope.schema.Bool(
-        title='Create the tables when the daemon starts.', required=False)
+        title='Create the tables when the daemon starts.',
+        description='Default: true. With false, create them yourself: '
+        '``python -m gocept.amqprun.outbox DIALECT`` prints the '
+        'statements.',
+        required=False)
 
 
 def outbox(_context, session, queues=None, retention=None,

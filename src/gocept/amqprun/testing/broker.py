@@ -22,6 +22,7 @@ from gocept.amqprun.testing.wait import wait_for
 
 
 def free_port():
+    """A TCP port on 127.0.0.1 that is free now."""
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
@@ -57,6 +58,7 @@ def kill_processes_with(variable, timeout=10):
 
 
 def port_open(host, port, timeout=1):
+    """Whether something accepts TCP connections on `host`:`port`."""
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True

@@ -17,9 +17,10 @@ def call_handler(handler, body=b'', header=None, routing_key=None,
     return its replies as the daemon would send them.
 
     handler: an IHandler, or the name of a registered one.
-    body, header (a dict or message.Header), routing_key (default: the
-        handler's first routing key) make the incoming message; it gets a
-        message-id unless `header` has one.
+    body, header, routing_key: the incoming message (`header` a dict or
+        a message.Header; `routing_key` by default the handler's first
+        one); it gets a message-id unless `header` has one.
+
     The handler runs as the daemon runs it: inside a transaction, as its
     principal. Its replies pass through `session.Session.send`, so they
     carry correlation_id and the ``references`` header. The transaction

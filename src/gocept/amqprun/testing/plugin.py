@@ -18,6 +18,8 @@ from gocept.amqprun.testing.process import ServerProcess
 
 
 def unique_name(prefix='test'):
+    """`prefix`, a dot and random hex digits: a name no other test run
+    uses."""
     return f'{prefix}.{uuid.uuid4().hex[:12]}'
 
 
@@ -84,7 +86,8 @@ def zca():
 
 @pytest.fixture
 def server_process(tmp_path, amqp_parameters):
-    """A factory of started `ServerProcess`es, all stopped afterwards.
+    """A factory of started `ServerProcess` objects, all stopped
+    afterwards.
 
     `parameters` (default: the test broker's) and the keywords of
     ServerProcess configure it; `start=False` leaves it unstarted."""
