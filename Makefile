@@ -71,8 +71,10 @@ $(VENV)/.installed-docs: $(VENV)/.installed setup.py
 	$(VENV)/bin/pip install -e '.[test,docs]'
 	touch $@
 
+# -E: read every page anew; the reference is generated from sources that
+# Sphinx does not watch (schema.xml, meta.zcml, the code).
 docs: $(VENV)/.installed-docs
-	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
+	$(VENV)/bin/sphinx-build -E -W --keep-going -b html docs docs/_build/html
 
 clean:
 	rm -rf $(VENV) .tox bin parts develop-eggs eggs .installed.cfg var \

@@ -1,17 +1,18 @@
 """The configuration file's reference, generated from ``schema.xml``.
 
 ``.. amqprun-configuration::`` walks the schema that the daemon loads
-(`gocept.amqprun.config.load_schema`) and renders, in the schema's
-order, every section with its keys: datatype, default, lower bound or
-allowed values, whether required, and the description. Keys of
-``<amqp-server>`` take their defaults from
+(`gocept.amqprun.config.load_schema`) and renders every section with
+its keys -- datatype, default, lower bound or allowed values, whether
+required, and the description: first the sections of schema.xml's own
+section types, then those it imports from ZConfig (the logging
+sections), then the handler sections that may be nested in those.
+
+Keys of ``<amqp-server>`` take their defaults from
 `gocept.amqprun.parameters.Parameters` (the schema leaves them out, so
 that the section passes only what is set).
 
 Objects: ``configsection`` (``:configsection:`worker```) and
-``configkey`` (``:configkey:`worker retries```); ZConfig's logging
-sections are rendered too, and their handler sections (``logfile``,
-...) once after them.
+``configkey`` (``:configkey:`worker retries```).
 """
 
 import importlib.resources

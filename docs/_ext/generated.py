@@ -12,6 +12,7 @@ sources is missing.
 """
 
 import re
+import textwrap
 
 from docutils.statemachine import StringList
 from sphinx import addnodes
@@ -90,7 +91,6 @@ def dedent(text):
     """The lines of `text`, with the indentation of its later lines
     removed (the first line of an XML description starts right after
     the tag)."""
-    import textwrap
     text = (text or '').strip('\n')
     if not text:
         return []
