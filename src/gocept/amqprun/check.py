@@ -212,8 +212,8 @@ def report_queue(state, parked, report):
                    f'{state.consumers} consumer(s))')
         if parked and state.messages:
             report.warning(f'{name}: {state.messages} parked message(s) '
-                           'wait (they failed for the last time; README, '
-                           '"Failed messages")')
+                           'wait (they failed for the last time; see '
+                           '"server parked list CONFIG")')
 
 
 def check(config_file, connect=True, out=None):

@@ -343,5 +343,5 @@ def import_hint(error):
     return ('\n    (The handler modules must be importable by '
             f'{sys.executable}: install their package into its '
             'environment, e.g. pip install -e . in the project, or put '
-            'their directory on PYTHONPATH; README.txt, "Writing '
-            'handlers".)')
+            'their directory on PYTHONPATH; see the documentation, '
+            '"Write handlers".)')

@@ -62,7 +62,7 @@ exit codes:
      refused it at start-up (credentials, virtual host, a queue's
      arguments): do not restart
 
-See README.txt, "Running the daemon".'''
+See the documentation, "Deploy the daemon".'''
 
 
 def version():

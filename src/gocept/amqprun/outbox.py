@@ -73,7 +73,7 @@ DAY = 86400
 
 # The statements of every handled message, as text: compiling the Core
 # constructs each time costs more CPU than the round trips (the figures:
-# README.txt, Performance).
+# docs/explanation/performance.rst).
 IS_RECORDED = sa.text(
     'SELECT 1 FROM amqprun_inbox WHERE queue = :queue '
     'AND message_id = :message_id')

@@ -43,7 +43,7 @@ exit codes: 0 done, 1 an id that is not parked (nothing changed), the
 broker unreachable or the connection lost, 2 the configuration or the
 command line is wrong (or CONFIG has no parked queues)
 
-See README.txt, "Parked messages".'''
+See the documentation, "Operate failures".'''
 
 # Characters of a text body shown by `show` (--body: all of it, raw).
 PREVIEW_CHARACTERS = 2000

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 # whose commit is in flight goes on with the next delivery, so a few per
 # worker keep the commits of a channel grouping. Confirm mode does not
 # block a worker until its confirms are in either, and wants many
-# confirms in flight (README, Performance).
+# confirms in flight (docs/explanation/performance.rst).
 DEFAULT_PREFETCH = 10
 DEFAULT_CONFIRM_PREFETCH = 100
 # Seconds stop() waits for the broker: to cancel the consumers, to answer

@@ -5,7 +5,8 @@ its own; a commit is four frames or more (publish method, header, body,
 ack, tx.commit). `batch_writes` makes a connection's transport send what
 is buffered with one ``sendmsg()`` instead: fewer system calls and TCP
 segments per commit, which shows in the throughput and the CPU per
-message of both commit modes (the figures: README.txt, Performance).
+message of both commit modes (the figures:
+docs/explanation/performance.rst).
 
 This replaces a private method of one pika class and reads two of its
 private attributes (`REQUIRED`). It applies only where those look exactly

@@ -1,12 +1,13 @@
 """The public API: every documented name, where it is documented, with the
 call shape it is documented with.
 
-Two sources promise an API: README.txt of this release and the README of
-gocept.amqprun 0.12.1 (applications written against it must keep working,
-see README.txt, "Compatibility"). `DOCUMENTED` lists the names in our own
-words; a name that disappears, moves or changes a documented parameter
-fails here, so that no split or rename breaks users silently. New
-optional parameters may be added after the documented ones.
+Two sources promise an API: the documentation of this release (docs/,
+README.txt) and the README of gocept.amqprun 0.12.1 (applications written
+against it must keep working, see docs/installation.rst, "Compatibility").
+`DOCUMENTED` lists the names in our own words; a name that disappears,
+moves or changes a documented parameter fails here, so that no split or
+rename breaks users silently. New optional parameters may be added after
+the documented ones.
 
 The 0.12.1 README's own examples run verbatim where it is available
 (``../shared/gocept.amqprun-0.12.1-README.txt`` beside the checkout, or
@@ -41,7 +42,7 @@ EMPTY = inspect.Parameter.empty
 # documented order; None for a name that is not called (a class used as
 # an interface, a constant, a module).
 DOCUMENTED = [
-    # Writing handlers (0.12.1 and README.txt).
+    # Writing handlers (0.12.1 and docs/howto/handlers.rst).
     ('gocept.amqprun.handler.declare',
      ['queue_name', 'routing_key', ('arguments', None),
       ('principal', None)]),
@@ -52,7 +53,7 @@ DOCUMENTED = [
      ['header', 'body', ('delivery_tag', None), ('routing_key', None)]),
     ('gocept.amqprun.message.Header', None),
     # Sending messages (0.12.1: connection.Parameters + Server.start in a
-    # thread + send; README.txt: parameters.Parameters).
+    # thread + send; docs/howto/sending.rst: parameters.Parameters).
     ('gocept.amqprun.connection.Parameters', None),
     ('gocept.amqprun.parameters.Parameters', None),
     ('gocept.amqprun.server.Server',

@@ -1,8 +1,6 @@
 """Configuration errors: where they are and what was meant."""
 
 import inspect
-import pathlib
-import re
 import sys
 
 import pytest
@@ -175,38 +173,6 @@ def test_schema_names_the_default_prefetch_of_the_server():
     assert (f'default {gocept.amqprun.server.DEFAULT_PREFETCH}, '
             f'{gocept.amqprun.server.DEFAULT_CONFIRM_PREFETCH} with '
             'commit-mode confirm') in description
-
-
-def readme_table(title):
-    """{key: default} of the table after the line `title` in README.txt
-    (skip when the checkout's README is not there)."""
-    readme = pathlib.Path(__file__).resolve().parents[4] / 'README.txt'
-    if not readme.is_file():
-        pytest.skip(f'no {readme}')
-    lines = readme.read_text(encoding='utf-8').splitlines()
-    rows = lines[lines.index(title):]
-    table = {}
-    borders = 0
-    for line in rows:
-        if line.startswith('='):
-            borders += 1
-            if borders == 3:
-                break
-        elif borders == 2 and line[:1].strip():
-            key, default = re.split(r'\s{2,}', line)[:2]
-            table[key] = default
-    return table
-
-
-def test_readme_shows_the_schema_defaults_of_the_worker_section():
-    documented = readme_table('``<worker>`` (required):')
-    schema = {key: info.getdefault().value if info.getdefault() else '--'
-              for key, info in schema_keys('worker')}
-    # prefetch has no schema default: the Server picks it by commit mode.
-    assert documented.pop('prefetch').startswith(
-        f'{gocept.amqprun.server.DEFAULT_PREFETCH} (')
-    del schema['prefetch']
-    assert documented == schema
 
 
 def test_prefetch_of_worker_wins(tmp_path):

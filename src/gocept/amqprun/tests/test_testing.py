@@ -147,7 +147,8 @@ def test_call_handler_runs_as_the_principal():
 
 
 def test_server_process_with_client(server_process, amqp_client, name_prefix):
-    # The README's example of a test against the real broker.
+    # The example of a test against the real broker (docs/howto/
+    # testing.rst, and the tests `server init` makes).
     process = server_process(
         handlers=f"""
             import gocept.amqprun.handler
@@ -187,8 +188,9 @@ client.close()
 
 
 def test_helpers_work_without_pytest(amqp_parameters, name_prefix):
-    # README's Quick start snippet, where only `gocept.amqprun` is
-    # installed: the helpers import, only the fixtures need pytest.
+    # The example's snippet (docs/development.rst), where only
+    # `gocept.amqprun` is installed: the helpers import, only the
+    # fixtures need pytest.
     result = subprocess.run(
         [sys.executable, '-c', WITHOUT_PYTEST, name_prefix],
         capture_output=True, text=True, timeout=60)
