@@ -17,6 +17,7 @@ import textwrap
 from docutils.statemachine import StringList
 from sphinx import addnodes
 from sphinx.domains.std import GenericObject
+from sphinx.roles import XRefRole
 from sphinx.util.docutils import SphinxDirective
 from sphinx.util.nodes import nested_parse_with_titles
 
@@ -70,8 +71,12 @@ class Entry(GenericObject):
 
 
 def add_object_type(app, name, objname, show=None):
-    """Register the object type `name` (directive and role)."""
+    """Register the object type `name` (directive and role). A role whose
+    target does not exist warns (an error with -W), also without
+    `nitpicky`: a misspelt key must not render as plain text."""
     app.add_object_type(name, name, objname=objname)
+    app.add_role_to_domain('std', name, XRefRole(warn_dangling=True),
+                           override=True)
     attributes = {'indextemplate': f'pair: %s; {objname}'}
     if show is not None:
         attributes['show'] = staticmethod(show)
