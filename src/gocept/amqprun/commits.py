@@ -69,12 +69,6 @@ class Commit:
         return self.acks + (self.reject[0],)
 
 
-def send(channel, commit):
-    """Write a commit's publishes, ACKs and reject to `channel`."""
-    publish(channel, commit.publishes)
-    settle(channel, commit)
-
-
 def publish(channel, publishes):
     to_properties = gocept.amqprun.properties.properties_from
     for exchange, routing_key, header, body in publishes:

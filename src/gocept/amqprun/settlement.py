@@ -108,6 +108,12 @@ class Settlement:
         self.refusals.forget(key(delivery))
         return True
 
+    def count_refusal(self, delivery, error):
+        """Count `error` against `delivery` if the broker refused its
+        commit while it was alone (see `Refusals`)."""
+        if getattr(error, 'refused', False) and not error.shared:
+            self.refusals.add(key(delivery))
+
     def quarantine(self, delivery):
         """`delivery` came back unsettled: count it (see `retry`)."""
         self.commit(delivery, self.retry_policy.quarantine(delivery))
@@ -180,9 +186,8 @@ class Settlement:
                         extra=about(delivery))
             tracing.end(delivery, 'in_doubt', error)
             return
+        self.count_refusal(delivery, error)
         refused = getattr(error, 'refused', False)
-        if refused and not error.shared:
-            self.refusals.add(key(delivery))
         if delivery.current:
             # The channel lives (a NACK in confirm mode): the input is
             # not ACKed; settle it through the retry policy.

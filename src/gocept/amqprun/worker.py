@@ -19,7 +19,6 @@ import time
 import transaction
 
 from gocept.amqprun import tracing
-import gocept.amqprun.errors
 import gocept.amqprun.log
 import gocept.amqprun.message
 import gocept.amqprun.retry
@@ -161,9 +160,7 @@ class Worker(threading.Thread):
         log.exception('Handling message %s from queue %r failed',
                       about['message_id'], delivery.queue, extra=about)
         settlement = self.server.settlement
-        if isinstance(error, gocept.amqprun.errors.ChannelLost) \
-                and error.refused and not error.shared:
-            settlement.refusals.add(gocept.amqprun.settlement.key(delivery))
+        settlement.count_refusal(delivery, error)
         settlement.failed(delivery, error)
 
     def call(self, handler, message, session, queue):
