@@ -88,3 +88,38 @@ def test_a_handler_beyond_the_consumer_timeout_is_counted_and_parked(
             tally(drain(client, echo.out), 20)
         finally:
             echo.cleanup()
+
+
+@pytest.mark.slow
+def test_the_deliveries_waiting_beside_a_timed_out_one_are_not_counted(
+        impatient_broker, tmp_path, name_prefix):
+    # One worker: while it runs the slow handler, the quick messages wait
+    # on the same channel. The timeout closes it; they return, but only
+    # the slow one -- the one being handled -- counts as unsettled.
+    parameters = impatient_broker.parameters()
+    with client_of(parameters) as client:
+        echo = Echo(tmp_path, parameters, client, name_prefix, amount=1,
+                    server_extra='  retry_delay 0.1\n',
+                    worker_extra='  retries 1\n  retry-delay 0\n')
+        process = echo.process(start=False)
+        (process.directory / 'handlers.py').write_text(HANDLERS.format(
+            queue=echo.queue, out=echo.out))
+        process.start()
+        try:
+            slow = client.send(echo.queue, b'slow')
+            for i in range(8):
+                client.send(echo.queue, b'%06d' % i)
+            parked = f'{echo.queue}.parked'
+            wait_for(lambda: client.count(parked) == 1
+                     and echo.replies(client) >= 8, timeout=30)
+            assert client.get(parked).header.message_id == slow
+            log = process.log_text()
+            assert f'Being handled: {slow} from {echo.queue!r}' in log
+            counted = [line for line in log.splitlines()
+                       if 'returned unsettled' in line]
+            assert counted and all(slow in line for line in counted), \
+                counted
+            assert process.stop() == 0
+            tally(drain(client, echo.out), 8)
+        finally:
+            echo.cleanup()
